@@ -1,0 +1,92 @@
+"""Does augmentation starve training? Images per second of the recipe's augmentation done three
+ways, beside the rate at which the training step consumes images.
+
+    python bench/augment.py --data ../shared/data/cifar10-jpeg [--device cpu]
+
+Writes bench/results/augment-<device>.md and .json, naming the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import machine  # noqa: E402
+
+from hpo import build_model, fit, load_data, make_augment, recipe_pipeline, resolve_device  # noqa: E402
+from hpo.augment import recipe_on_device  # noqa: E402
+from hpo.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from hpo.data import make_splits, to_device  # noqa: E402
+from hpo.runs import git_revision  # noqa: E402
+
+
+def rate(fn, n_images: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` timings of ``fn`` (which handles ``n_images``), in images per second."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_images / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="cifar10")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    data = load_data(args.data)
+    subset = make_splits(data.train_y, DataConfig()).subset
+    images, labels = data.train_x[subset], data.train_y[subset]
+    split = to_device(images, labels, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    pipeline = recipe_pipeline()
+    per_image = rate(lambda: [pipeline(image=im) for im in images[:2000]], 2000)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def batched():
+        for x in split.x.split(64):
+            recipe_on_device(x, gen)
+        sync()
+
+    on_device = rate(batched, len(split))
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        import albumentations as A
+
+        A.save(pipeline, f.name)
+        workers = make_augment(f.name, workers=2)
+        in_workers = rate(lambda: [None for _ in workers.batches(split, 64, gen)], len(split), repeats=2)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:  # the step alone: bs 64, batch norm, no augmentation
+        model = build_model(ModelConfig(batch_norm=True)).to(device)
+        step = fit(model, split, split, TrainConfig(batch_size=64, epochs=2), make_augment("none"),
+                   Path(tmp) / "b.pt").train_samples_per_s
+
+    rows = {"albumentations per image, one process (the recipe)": per_image,
+            "albumentations per image, 2 worker processes (augment = file)": in_workers,
+            "batched on the device (augment = \"recipe\")": on_device,
+            "training step consumes (bs 64, batch norm)": step}
+    header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+              "git_revision": git_revision(), "numpy": np.__version__}
+    lines = [f"# Augmentation throughput ({header['machine']})", "", *(f"- {k}: {v}" for k, v in header.items()), "",
+             "| path | images/s |", "|---|---|", *(f"| {k} | {v:,.0f} |" for k, v in rows.items())]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"augment-{device.type}.md").write_text("\n".join(lines) + "\n")
+    (out / f"augment-{device.type}.json").write_text(json.dumps({**header, "images_per_s": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

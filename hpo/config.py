@@ -1,0 +1,340 @@
+"""The study file: one frozen dataclass per section, validated once at load.
+
+A study file is TOML. Top-level ``augment`` comes first (TOML wants plain keys before tables),
+then the sections ``[study]``, ``[data]``, ``[model]``, ``[train]`` and ``[search]``::
+
+    augment = "recipe"          # "none", "recipe", or an albumentations file (.json/.yaml)
+
+    [train]
+    lr = 0.001
+
+    [search]
+    "train.lr" = [0.01, 0.001]                      # categorical
+    "train.weight_decay" = {low = 1e-6, high = 1e-2, log = true}
+
+Everything after :func:`load_study` trusts these objects: the checks live here only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A study file (or an override of it) is invalid; ``problems`` holds one line per issue."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class StudySection:
+    """``[study]``: how the search runs (used by ``hpo run``)."""
+
+    name: str = ""  # empty: the study file's stem
+    sampler: Literal["random", "grid", "tpe"] = "random"  # the recipe's random search
+    seed: int = 0  # sampler seed, so a study can be replayed
+    n_trials: int = field(default=20, metadata=_rng(1))  # finished trials the study ends with
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where the images come from and how they are split (stratified, seeded)."""
+
+    path: str = "cifar10"  # "cifar10" (torchvision download), "synthetic", or a local folder
+    train_on: Literal["subset", "full"] = "subset"  # the recipe experiments on a 5k subset
+    train_size: int = field(default=40_000, metadata=_rng(1))  # recipe: 40,000 train
+    val_size: int = field(default=10_000, metadata=_rng(1))  # recipe: 10,000 val
+    subset_size: int = field(default=5_000, metadata=_rng(1))  # drawn from the train split
+    seed: int = 0  # shuffles before splitting: the JPEG copy is grouped by class
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the recipe's MLP, 3072 -> hidden x depth -> classes."""
+
+    hidden: int = field(default=100, metadata=_rng(1))  # recipe: H = 100
+    depth: int = field(default=2, metadata=_rng(1))  # hidden layers; recipe: 2
+    batch_norm: bool = False  # the recipe adds it when regularizing
+    dropout: float = field(default=0.0, metadata=_rng(0.0, 0.95))  # after each ReLU
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: the recipe's ``fit``."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"  # recipe: Adam
+    lr: float = field(default=1e-3, metadata=_rng(0.0, 10.0))  # recipe: 1e-3
+    momentum: float = field(default=0.9, metadata=_rng(0.0, 1.0))  # SGD only
+    weight_decay: float = field(default=0.0, metadata=_rng(0.0, 1.0))  # the recipe pairs it with SGD
+    batch_size: int = field(default=32, metadata=_rng(1))  # recipe: 32
+    epochs: int = field(default=10, metadata=_rng(1))  # recipe: 10 on the subset
+    patience: int = field(default=0, metadata=_rng(0))  # early stopping; 0 turns it off
+    step_size: int = field(default=0, metadata=_rng(0))  # StepLR period in epochs; 0 turns it off
+    gamma: float = field(default=0.1, metadata=_rng(0.0, 1.0, lo_open=True))  # StepLR factor
+    seed: int = 0  # model init, shuffling and augmentation
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """A searched key that takes one of ``choices``."""
+
+    choices: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A searched key drawn from ``[low, high]``; ints when the key is an int."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+Distribution = Categorical | Range
+
+SECTIONS: dict[str, type] = {
+    "study": StudySection,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+HYPERPARAMETER_SECTIONS = ("data", "model", "train")  # what --param and [search] may name
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study file, validated."""
+
+    study: StudySection
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    augment: str = "none"  # "none", "recipe", or the path of an albumentations pipeline file
+    search: dict[str, Distribution] = field(default_factory=dict)  # dotted key -> distribution
+    source: str = ""  # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON records (run directories, study attributes)."""
+        out = dataclasses.asdict(self)
+        out["search"] = {k: dataclasses.asdict(v) for k, v in self.search.items()}
+        return out
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Coerce ``value`` to the field's type; return (value, problem or None)."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            return value, f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        return value, None
+    if hint is bool:
+        if not isinstance(value, bool):
+            return value, f"{key}: must be true or false, got {value!r}"
+        return value, None
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{key}: must be an integer, got {value!r}"
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{key}: must be a number, got {value!r}"
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            return value, f"{key}: must be a finite number, got {value!r}"
+    elif hint is str and not isinstance(value, str):
+        return value, f"{key}: must be a string, got {value!r}"
+    lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        bound = f"> {lo}" if lo_open else f">= {lo}"
+        return value, f"{key}: must be {bound}, got {value!r}"
+    if hi is not None and value > hi:
+        return value, f"{key}: must be <= {hi}, got {value!r}"
+    return value, None
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
+    cls = SECTIONS[name]
+    if not isinstance(raw, dict):
+        problems.append(f"{name}: must be a table ([{name}]), got {raw!r}")
+        return cls()
+    known = _fields(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            problems.append(f"{name}.{key}: unknown key (known: {', '.join(known)})")
+            continue
+        f, hint = known[key]
+        values[key], problem = _check_value(f"{name}.{key}", f, value, hint)
+        if problem:
+            problems.append(problem)
+    return cls(**values)
+
+
+def hyperparameter(key: str) -> tuple[dataclasses.Field, Any] | None:
+    """The field behind a dotted hyperparameter name such as ``train.lr``, or None."""
+    section, _, name = key.partition(".")
+    if section not in HYPERPARAMETER_SECTIONS:
+        return None
+    return _fields(SECTIONS[section]).get(name)
+
+
+def _build_search(raw: Any, problems: list[str]) -> dict[str, Distribution]:
+    if not isinstance(raw, dict):
+        problems.append(f"search: must be a table of dotted keys, got {raw!r}")
+        return {}
+    space: dict[str, Distribution] = {}
+    for key, spec in raw.items():
+        where = f"search.{key}"
+        if key == "augment":
+            if not isinstance(spec, list) or not spec or not all(isinstance(v, str) for v in spec):
+                problems.append(f"{where}: must be a non-empty list of augment names")
+            else:
+                space[key] = Categorical(tuple(spec))
+            continue
+        target = hyperparameter(key)
+        if target is None:
+            problems.append(f"{where}: unknown hyperparameter (use a dotted name such as train.lr)")
+            continue
+        f, hint = target
+        if isinstance(spec, list):
+            if not spec:
+                problems.append(f"{where}: the list of choices is empty")
+                continue
+            choices = []
+            for value in spec:
+                value, problem = _check_value(where, f, value, hint)
+                choices.append(value)
+                if problem:
+                    problems.append(problem)
+            space[key] = Categorical(tuple(choices))
+        elif isinstance(spec, dict):
+            extra = set(spec) - {"low", "high", "log", "step"}
+            if extra or "low" not in spec or "high" not in spec:
+                problems.append(f"{where}: a range is {{low, high, log?, step?}}, got {spec!r}")
+                continue
+            if hint not in (int, float):
+                problems.append(f"{where}: a range needs a numeric key, {key} is {hint}")
+                continue
+            low, p1 = _check_value(f"{where}.low", f, spec["low"], hint)
+            high, p2 = _check_value(f"{where}.high", f, spec["high"], hint)
+            log, step = spec.get("log", False), spec.get("step")
+            bad = [p for p in (p1, p2) if p]
+            if not bad and low >= high:
+                bad.append(f"{where}: low must be below high, got {low!r} >= {high!r}")
+            if not isinstance(log, bool):
+                bad.append(f"{where}.log: must be true or false, got {log!r}")
+            elif log and not bad and low <= 0:
+                bad.append(f"{where}: a log range needs low > 0, got {low!r}")
+            if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
+                bad.append(f"{where}.step: must be a positive number, got {step!r}")
+            elif step is not None and log:
+                bad.append(f"{where}: step and log cannot be combined")
+            problems.extend(bad)
+            if not bad:
+                space[key] = Range(low, high, log, step)
+        else:
+            problems.append(f"{where}: must be a list of choices or a {{low, high}} table, got {spec!r}")
+    return space
+
+
+def _check_augment(value: Any, base: Path, problems: list[str]) -> str:
+    if not isinstance(value, str):
+        problems.append(f"augment: must be a string, got {value!r}")
+        return "none"
+    if value in ("none", "recipe"):
+        return value
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        problems.append(f"augment: must be 'none', 'recipe' or an albumentations .json/.yaml file, got {value!r}")
+    elif not path.is_file():
+        problems.append(f"augment: no albumentations pipeline file at {path}")
+    else:
+        import albumentations as A  # only when a file is given: the import is slow
+
+        try:
+            A.load(str(path), data_format="yaml" if path.suffix in (".yaml", ".yml") else "json")
+        except Exception as e:  # albumentations raises many types for a bad file
+            problems.append(f"augment: {path} is not an albumentations pipeline: {type(e).__name__}: {e}")
+        else:
+            return str(path)
+    return "none"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a TOML value; a bare word stays a string (``augment=recipe``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--param {text!r}: expected KEY=VALUE, for example train.lr=0.001"])
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the raw study file with dotted keys set (validated later with the rest)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    problems = []
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if key == "augment":
+            out["augment"] = value
+        elif section in SECTIONS and name in _fields(SECTIONS[section]):
+            if isinstance(out.setdefault(section, {}), dict):  # else validate() reports the section
+                out[section][name] = value
+        else:
+            problems.append(f"--param {key}: unknown key (use a dotted name such as train.lr)")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def validate(raw: dict[str, Any], source: Path) -> StudyConfig:
+    """Build a :class:`StudyConfig` from parsed TOML, or raise ConfigError listing every problem."""
+    problems: list[str] = []
+    unknown = set(raw) - set(SECTIONS) - {"augment", "search"}
+    known = ", ".join([*SECTIONS, "augment", "search"])
+    problems += [f"{k}: unknown section (known: {known})" for k in sorted(unknown)]
+    sections = {name: _build_section(name, raw.get(name, {}), problems) for name in SECTIONS}
+    augment = _check_augment(raw.get("augment", "none"), source.parent, problems)
+    search = _build_search(raw.get("search", {}), problems)
+    data: DataConfig = sections["data"]
+    if data.subset_size > data.train_size:
+        problems.append(f"data.subset_size: must be <= data.train_size ({data.train_size}), got {data.subset_size}")
+    if problems:
+        raise ConfigError(problems)
+    if not sections["study"].name:
+        sections["study"] = dataclasses.replace(sections["study"], name=source.stem)
+    return StudyConfig(augment=augment, search=search, source=str(source), **sections)
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read, override and validate a study file. Raises ConfigError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such study file (see studies/ for examples)"])
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    return validate(apply_overrides(raw, overrides or {}), path)

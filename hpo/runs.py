@@ -1,0 +1,90 @@
+"""One recorded training run: data -> model -> fit, with config, seed and git revision kept
+beside the results in a directory of its own (never a shared ``ckpt.pt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpo.augment import make_augment
+from hpo.config import StudyConfig
+from hpo.data import ImageData, load_data, training_splits
+from hpo.models import build_model
+from hpo.train import EpochStats, fit
+
+
+def git_revision() -> str:
+    """The checkout's commit (``+dirty`` when it has local changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write: temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    """A fresh directory per run, so parallel workers never share files."""
+    run_dir = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_record(cfg: StudyConfig, device: torch.device) -> dict[str, Any]:
+    """What every run records beside its results."""
+    return {"config": cfg.to_dict(), "seed": cfg.train.seed, "git_revision": git_revision(),
+            "device": str(device), "hostname": platform.node(), "torch": torch.__version__}
+
+
+def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData | None = None,
+              on_epoch: Callable[[EpochStats], str | None] | None = None,
+              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train ``cfg`` once on ``device``; write ``config.json``, ``best.pt`` and ``results.json``
+    under a new directory in ``out``; return the summary (``results.json`` minus the history)."""
+    t0 = time.perf_counter()
+    data = data if data is not None else load_data(cfg.data.path)
+    train, val = training_splits(data, cfg.data, device)  # bad data fails here, before any file
+    data_seconds = time.perf_counter() - t0
+
+    run_dir = new_run_dir(out, cfg.study.name)
+    write_json(run_dir / "config.json", run_record(cfg, device))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, train.x[0].numel(), len(data.classes)).to(device)
+    try:
+        result = fit(model, train, val, cfg.train, make_augment(cfg.augment), run_dir / "best.pt", on_epoch, log)
+    except Exception as e:  # recorded beside the config, then raised to the caller
+        write_json(run_dir / "results.json", {"error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
+        raise
+
+    summary = {
+        "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        "stop_reason": result.stop_reason, "seconds": round(result.seconds, 3),
+        "train_samples_per_s": round(result.train_samples_per_s, 1), "data_seconds": round(data_seconds, 3),
+        "train_size": len(train), "val_size": len(val), "checkpoint": result.checkpoint, "run_dir": str(run_dir),
+    }
+    write_json(run_dir / "results.json", {**summary, "history": [dataclasses.asdict(s) for s in result.history]})
+    return summary

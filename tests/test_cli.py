@@ -1,0 +1,64 @@
+"""``hpo`` as a user runs it: a real subprocess, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from hpo.train import load_checkpoint
+
+
+def hpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+
+
+def test_train_prints_epochs_and_a_json_summary(study_file, tmp_path):
+    out = tmp_path / "runs"
+    r = hpo("train", study_file(), "--epochs", "3", "--device", "cpu", "--out", out, "--json",
+            "--param", "train.lr=0.003", "--param", "model.batch_norm=true", "--param", "augment=recipe")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("Epoch")] == ["1/3", "2/3", "3/3"]
+    summary = json.loads(lines[-1])
+    assert {"best_val_acc", "best_epoch", "epochs_run", "seconds", "train_samples_per_s", "checkpoint"} <= set(summary)
+    assert summary["epochs_run"] == 3 and summary["best_val_acc"] > 0.5 and summary["train_size"] == 300
+
+    run_dir = out / os.listdir(out)[0]
+    assert sorted(os.listdir(run_dir)) == ["best.pt", "config.json", "results.json"]
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["seed"] == 0 and record["git_revision"] and record["device"] == "cpu"
+    assert record["config"]["train"]["lr"] == 0.003 and record["config"]["model"]["batch_norm"] is True
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["history"]) == 3 and results["best_val_acc"] == summary["best_val_acc"]
+    state = load_checkpoint(summary["checkpoint"])
+    assert state["epoch"] == summary["best_epoch"] and isinstance(state["model"]["0.weight"], torch.Tensor)
+
+
+def test_bad_study_file_is_exit_2_with_one_line_per_problem(study_file, tmp_path):
+    r = hpo("train", study_file("[train]\nlr = 'fast'\nepochs = 0"), "--out", tmp_path / "runs")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["hpo: train.lr: must be a number, got 'fast'",
+                                     "hpo: train.epochs: must be >= 1, got 0"]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_bad_param_epochs_device_and_data(study_file, tmp_path):
+    cases = [
+        (["--param", "train.speed=3"], "--param train.speed: unknown key"),
+        (["--param", "train.lr"], "expected KEY=VALUE"),
+        (["--epochs", "0"], "train.epochs: must be >= 1, got 0"),
+        (["--device", "tpu"], "--device 'tpu': unknown device"),
+        (["--data", tmp_path / "nowhere"], "no such folder"),
+        (["--data", tmp_path], "not a dataset folder"),
+    ]
+    for args, message in cases:
+        r = hpo("train", study_file(), "--out", tmp_path / "runs", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and message in r.stderr, (args, r.stderr)
+    r = hpo("train", tmp_path / "missing.toml")
+    assert r.returncode == 2 and "no such study file" in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+

@@ -1,0 +1,35 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from hpo.config import load_study
+from hpo.runs import git_revision, train_run
+from hpo.train import TrainingDiverged
+
+
+def test_a_run_records_config_seed_and_revision(study_file, tmp_path):
+    cfg = load_study(study_file(), {"train.epochs": 2, "train.seed": 7})
+    summary = train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["seed"] == 7 and record["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert record["git_revision"] == git_revision() and record["hostname"]
+    assert summary["run_dir"] == str(run_dir) and summary["epochs_run"] == 2
+
+
+def test_two_runs_never_share_files(study_file, tmp_path):
+    cfg = load_study(study_file(), {"train.epochs": 1})
+    a = train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
+    b = train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
+    assert a["checkpoint"] != b["checkpoint"] and a["best_val_acc"] == b["best_val_acc"]
+
+
+def test_a_failed_run_keeps_its_error(study_file, tmp_path):
+    cfg = load_study(study_file(), {"train.optimizer": "sgd"})
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e12))  # past validation's bound
+    with pytest.raises(TrainingDiverged):
+        train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "TrainingDiverged" in json.loads((run_dir / "results.json").read_text())["error"]

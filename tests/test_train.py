@@ -1,0 +1,98 @@
+import dataclasses
+
+import pytest
+import torch
+
+from hpo.augment import make_augment
+from hpo.config import DataConfig, ModelConfig, TrainConfig
+from hpo.data import synthetic, training_splits
+from hpo.models import build_model
+from hpo.train import TrainingDiverged, fit, load_checkpoint, resolve_device
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300), CPU)
+
+
+def run(splits, tmp_path, augment="none", model=None, **train):
+    torch.manual_seed(0)
+    net = build_model(model or ModelConfig())
+    result = fit(net, *splits, TrainConfig(**{"epochs": 4, **train}), make_augment(augment), tmp_path / "best.pt")
+    return net, result
+
+
+def test_fit_learns_and_reports_the_recipe_metrics(splits, tmp_path):
+    _, result = run(splits, tmp_path, epochs=6)
+    assert result.best_val_acc > 0.9  # synthetic classes are easy
+    assert result.epochs_run == 6 and result.stop_reason == "completed"
+    first, last = result.history[0], result.history[-1]
+    assert last.loss < first.loss and 0 <= last.acc <= 1 and last.lr == 1e-3 and last.seconds > 0
+    assert result.best_val_acc == max(s.val_acc for s in result.history)
+    assert result.train_samples_per_s > 0 and result.seconds >= sum(s.seconds for s in result.history) * 0.99
+
+
+def test_metrics_are_exact_means_over_samples(splits, tmp_path):
+    net, result = run(splits, tmp_path, epochs=1, lr=0.0)  # lr 0: the weights stay as evaluated
+    train, val = splits
+    with torch.no_grad():
+        logits = net.eval()(val.x.reshape(len(val), -1).float() / 255)
+    assert result.history[0].val_acc == pytest.approx((logits.argmax(1) == val.y).float().mean().item())
+    assert result.history[0].val_loss == pytest.approx(torch.nn.functional.cross_entropy(logits, val.y).item(), 1e-5)
+
+
+def test_same_seed_same_run(splits, tmp_path):
+    a = run(splits, tmp_path / "a", augment="recipe", model=ModelConfig(batch_norm=True))[1]
+    b = run(splits, tmp_path / "b", augment="recipe", model=ModelConfig(batch_norm=True))[1]
+    strip = lambda r: [dataclasses.replace(s, seconds=0) for s in r.history]  # noqa: E731
+    assert strip(a) == strip(b)
+    c = run(splits, tmp_path / "c", augment="recipe", model=ModelConfig(batch_norm=True), seed=1)[1]
+    assert strip(a) != strip(c)
+
+
+def test_early_stopping_follows_the_recipe(splits, tmp_path):
+    # lr 0: val accuracy never improves after epoch 1, so the run stops `patience` epochs later.
+    _, result = run(splits, tmp_path, lr=0.0, epochs=50, patience=3)
+    assert (result.best_epoch, result.epochs_run, result.stop_reason) == (1, 4, "early_stopping")
+
+
+def test_step_lr(splits, tmp_path):
+    _, result = run(splits, tmp_path, epochs=5, step_size=2, gamma=0.1)
+    assert [s.lr for s in result.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+
+
+def test_best_epoch_checkpoint_is_what_the_model_ends_with(splits, tmp_path):
+    net, result = run(splits, tmp_path, epochs=5, optimizer="sgd", lr=0.5)
+    state = load_checkpoint(tmp_path / "best.pt")  # weights_only=True inside
+    assert state["epoch"] == result.best_epoch and state["val_acc"] == result.best_val_acc
+    assert all(torch.equal(state["model"][k], v) for k, v in net.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
+
+
+def test_on_epoch_can_stop_the_run(splits, tmp_path):
+    seen = []
+    torch.manual_seed(0)
+    result = fit(build_model(ModelConfig()), *splits, TrainConfig(epochs=10), make_augment("none"),
+                 tmp_path / "best.pt", on_epoch=lambda s: seen.append(s.epoch) or ("pruned" if s.epoch == 2 else None))
+    assert seen == [1, 2] and result.stop_reason == "pruned" and result.epochs_run == 2
+
+
+def test_divergence_is_an_error_not_a_result(splits, tmp_path):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig())
+    with torch.no_grad():
+        net[0].weight[0, 0] = float("inf")  # inf - inf in the logits: NaN loss
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
+        fit(net, *splits, TrainConfig(epochs=3), make_augment("none"), tmp_path / "best.pt")
+
+
+def test_device_names():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
