@@ -1,7 +1,8 @@
 """hpo: hyperparameter search on Optuna that follows the recipe for training neural networks.
 
-The modules follow the recipe's steps: data -> models -> augment -> train -> checks; ``runs``
-records one training run, ``config`` reads study files, ``cli`` is the ``hpo`` command.
+The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
+``runs`` records one training run, ``config`` reads study files, ``storage`` opens the database,
+``worker`` runs trials, ``progress`` shows them, ``cli`` is the ``hpo`` command.
 """
 
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
@@ -10,11 +11,15 @@ from hpo.config import ConfigError, StudyConfig, load_study
 from hpo.data import DataError, ImageData, load_data, make_splits, synthetic, training_splits
 from hpo.models import build_model
 from hpo.runs import train_run
+from hpo.storage import DEFAULT_STORAGE
+from hpo.study import best_trial, open_study
 from hpo.train import EpochStats, FitResult, TrainingDiverged, fit, load_checkpoint, resolve_device
+from hpo.worker import Options, join_study, run_study
 
 __all__ = [
-    "CheckReport", "ConfigError", "DataError", "EpochStats", "FitResult", "GateFailed", "ImageData",
-    "StudyConfig", "TrainingDiverged", "build_model", "fit", "gate", "load_checkpoint", "load_data",
-    "load_study", "make_augment", "make_splits", "recipe_on_device", "recipe_pipeline", "resolve_device",
-    "run_checks", "synthetic", "train_run", "training_splits",
+    "DEFAULT_STORAGE", "CheckReport", "ConfigError", "DataError", "EpochStats", "FitResult", "GateFailed",
+    "ImageData", "Options", "StudyConfig", "TrainingDiverged", "best_trial", "build_model", "fit", "gate",
+    "join_study", "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study",
+    "recipe_on_device", "recipe_pipeline", "resolve_device", "run_checks", "run_study", "synthetic",
+    "train_run", "training_splits",
 ]

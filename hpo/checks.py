@@ -10,8 +10,6 @@ real engine (``fit``) with the study's optimizer and lr, so a broken loop fails 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import platform
 import tempfile
@@ -266,9 +264,8 @@ class GateFailed(RuntimeError):
 
 
 def config_hash(cfg: StudyConfig) -> str:
-    """What the checks depend on (data, model, training, augmentation), hashed."""
-    parts = {k: v for k, v in cfg.to_dict().items() if k in ("data", "model", "train", "augment")}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    """What the checks depend on: data (but its path), model, training, augmentation."""
+    return cfg.fingerprint("data", "model", "train", "augment")
 
 
 def gate(study: optuna.Study, cfg: StudyConfig, data: ImageData, device: torch.device,

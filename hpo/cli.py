@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from hpo.checks import GateFailed
 from hpo.config import ConfigError, StudyConfig, load_study, parse_override
 from hpo.data import DataError
+from hpo.storage import DEFAULT_STORAGE, StorageError
+from hpo.study import StudyError
 from hpo.train import TrainingDiverged
 
 EXIT_BAD_INPUT = 2
@@ -74,6 +78,69 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_CHECKS_FAILED
 
 
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+
+
+def _options(args: argparse.Namespace):
+    from hpo.worker import Options
+
+    _positive("--n-trials", args.n_trials)
+    _device(args.device if args.device != "auto" else "cpu")  # an unknown name fails before anything starts
+    return Options(storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
+                   skip_checks=args.skip_checks)
+
+
+def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> int:
+    from hpo.study import best_trial, summary
+
+    best = best_trial(handle)
+    if best is None:
+        print(f"hpo: study {handle.cfg.study.name!r} has no completed trial yet", file=sys.stderr)
+        return 1
+    info = summary(best)
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
+    print(f"best trial {info['number']}: val_acc {info['value']:.4f} ({params}), best epoch {info['best_epoch']} "
+          f"of {info['epochs_run']} ({info['stop_reason']}), checkpoint artifact {info['checkpoint_artifact']}")
+    if as_json:
+        print(json.dumps({**(extra or {}), **info}))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hpo.worker import run_study
+
+    _positive("--workers", args.workers)
+    opts = _options(args)
+    worker_args = [args.study, *(f"--param={p}" for p in args.param)]
+    worker_args += [f"--data={args.data}"] if args.data else []
+    worker_args += ["--skip-checks"] if args.skip_checks else []
+    result = run_study(_config(args), opts, args.n_trials, args.workers, worker_args, quiet=args.quiet)
+    print(f"study {result['study']}: {result['finished']} finished, {result['failed']} failed, "
+          f"{result['wall_seconds']:.1f}s, storage {result['storage']}")
+    from hpo.study import open_study
+
+    return _print_best(open_study(_config(args), opts.storage, create=False), args.json, result)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from hpo.worker import join_study
+
+    result = join_study(_config(args), _options(args), args.n_trials, quiet=args.quiet)
+    if not args.quiet:
+        print(f"worker done: ran {result['ran']} trials; the study has {result['finished']} finished")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from hpo.study import open_study
+
+    return _print_best(open_study(_config(args), args.storage, create=False), args.json)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpo", description="Hyperparameter search on Optuna, following the recipe.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,17 +159,41 @@ def parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", parents=[common], help="the sanity checks: can this pipeline learn?")
     check.set_defaults(func=cmd_check)
+
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument("--storage", default=os.environ.get("HPO_STORAGE", DEFAULT_STORAGE),
+                         help=f"database URL (default: $HPO_STORAGE or {DEFAULT_STORAGE})")
+    runner = argparse.ArgumentParser(add_help=False)
+    runner.add_argument("--n-trials", type=int, help="finished trials the study ends with (default: study.n_trials)")
+    runner.add_argument("--skip-checks", action="store_true", help="skip the sanity gate (recorded in the study)")
+    runner.add_argument("--out", default="runs", help="folder for the trials' run directories (default: runs)")
+    runner.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
+                        help="artifact store folder for checkpoints; shared storage when workers span machines")
+    runner.add_argument("--quiet", action="store_true", help="no per-trial lines or progress bar")
+    run = sub.add_parser("run", parents=[common, storage, runner], help="run a study: gate, then N trials")
+    run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
+    run.set_defaults(func=cmd_run)
+    worker = sub.add_parser("worker", parents=[common, storage, runner], help="join a running study")
+    worker.set_defaults(func=cmd_worker)
+    best = sub.add_parser("best", parents=[common, storage], help="the study's best trial")
+    best.set_defaults(func=cmd_best)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # hpo prints its own lines
     try:
         return args.func(args)
     except ConfigError as e:
         for line in e.problems:
             print(f"hpo: {line}", file=sys.stderr)
-    except (DataError, UsageError) as e:
+    except GateFailed as e:
+        print(f"hpo: {e}", file=sys.stderr)
+        return EXIT_CHECKS_FAILED
+    except (DataError, UsageError, StorageError, StudyError) as e:
         print(f"hpo: {e}", file=sys.stderr)
     except TrainingDiverged as e:
         print(f"hpo: training diverged: {e}", file=sys.stderr)

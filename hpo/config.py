@@ -18,6 +18,8 @@ Everything after :func:`load_study` trusts these objects: the checks live here o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -45,6 +47,8 @@ class StudySection:
     sampler: Literal["random", "grid", "tpe"] = "random"  # the recipe's random search
     seed: int = 0  # sampler seed, so a study can be replayed
     n_trials: int = field(default=20, metadata=_rng(1))  # finished trials the study ends with
+    # Comparative pruning on top of early stopping (train.patience), which always applies.
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,19 @@ class StudyConfig:
         out = dataclasses.asdict(self)
         out["search"] = {k: dataclasses.asdict(v) for k, v in self.search.items()}
         return out
+
+    def fingerprint(self, *parts: str) -> str:
+        """A short hash of the named parts (``data``, ``model``, ``study.sampler``...). The data
+        path is left out: workers on other machines keep the same images elsewhere."""
+        d = self.to_dict()
+        d["data"] = {k: v for k, v in d["data"].items() if k != "path"}
+        picked = {p: d[p.partition(".")[0]][p.partition(".")[2]] if "." in p else d[p] for p in parts}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def with_params(self, params: dict[str, Any]) -> StudyConfig:
+        """This config with dotted keys set (a trial's sampled values), validated like the file."""
+        raw = {k: v for k, v in self.to_dict().items() if k not in ("search", "source")}
+        return validate(apply_overrides(raw, params), Path(self.source))
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -275,7 +292,7 @@ def _check_augment(value: Any, base: Path, problems: list[str]) -> str:
         except Exception as e:  # albumentations raises many types for a bad file
             problems.append(f"augment: {path} is not an albumentations pipeline: {type(e).__name__}: {e}")
         else:
-            return str(path)
+            return str(path.resolve())  # absolute: stays valid when re-validated from elsewhere
     return "none"
 
 
