@@ -90,6 +90,11 @@ def recipe_on_device(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return recipe_apply(x, top, left, u[:, 2] < P_FLIP, gray, shift)
 
 
+def _drop_lone_sample(order: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A last batch of one image is left out of the epoch: BatchNorm cannot train on it."""
+    return order[:-1] if len(order) % batch_size == 1 and len(order) > 1 else order
+
+
 class DeviceAugment:
     """Shuffled batches indexed on the device, optionally augmented there; nothing leaves it."""
 
@@ -98,7 +103,7 @@ class DeviceAugment:
 
     def batches(self, data: DeviceSplit, batch_size: int, gen: torch.Generator) -> Batches:
         # One gather per epoch; each batch is then a slice (a view), not an index op.
-        order = torch.randperm(len(data), device=data.x.device, generator=gen)
+        order = _drop_lone_sample(torch.randperm(len(data), device=data.x.device, generator=gen), batch_size)
         xs, ys = data.x[order], data.y[order]
         for x, y in zip(xs.split(batch_size), ys.split(batch_size), strict=True):
             yield normalize(self.fn(x, gen) if self.fn else x), y
@@ -139,7 +144,7 @@ class PipelineAugment:
             self._host = (data.x, data.x.permute(0, 2, 3, 1).contiguous().cpu().numpy())  # HWC
         # One draw per epoch seeds the CPU side, so runs stay reproducible under train.seed.
         seed = int(torch.randint(2**62, (1,), device=gen.device, generator=gen))
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        order = _drop_lone_sample(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)), batch_size)
         chunks = list(order.split(batch_size))
         loader = torch.utils.data.DataLoader(
             _Images(self._host[1], self.pipeline), batch_sampler=chunks, num_workers=self.workers,

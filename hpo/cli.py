@@ -12,12 +12,14 @@ from typing import Any
 from hpo.checks import GateFailed
 from hpo.config import ConfigError, StudyConfig, load_study, parse_override
 from hpo.data import DataError
-from hpo.storage import DEFAULT_STORAGE, StorageError
+from hpo.storage import DB_TIMEOUT, DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageError, StorageUnavailable
 from hpo.study import StudyError
 from hpo.train import TrainingDiverged
+from hpo.worker import WorkersFailed
 
 EXIT_BAD_INPUT = 2
 EXIT_CHECKS_FAILED = 3
+EXIT_STORAGE_LOST = 4
 
 
 class UsageError(Exception):
@@ -88,8 +90,12 @@ def _options(args: argparse.Namespace):
 
     _positive("--n-trials", args.n_trials)
     _device(args.device if args.device != "auto" else "cpu")  # an unknown name fails before anything starts
+    _positive("--heartbeat", args.heartbeat)
+    _positive("--grace", args.grace)
+    if args.grace <= args.heartbeat:
+        raise UsageError(f"--grace ({args.grace}s) must be longer than --heartbeat ({args.heartbeat}s)")
     return Options(storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
-                   skip_checks=args.skip_checks)
+                   skip_checks=args.skip_checks, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout)
 
 
 def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> int:
@@ -170,6 +176,11 @@ def parser() -> argparse.ArgumentParser:
     runner.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
                         help="artifact store folder for checkpoints; shared storage when workers span machines")
     runner.add_argument("--quiet", action="store_true", help="no per-trial lines or progress bar")
+    runner.add_argument("--heartbeat", type=int, default=HEARTBEAT_INTERVAL, help="seconds between heartbeats")
+    runner.add_argument("--grace", type=int, default=GRACE_PERIOD,
+                        help="seconds without a heartbeat before a trial counts as dead and is retried")
+    runner.add_argument("--db-timeout", type=float, default=DB_TIMEOUT,
+                        help="seconds a worker keeps retrying a lost database before it exits")
     run = sub.add_parser("run", parents=[common, storage, runner], help="run a study: gate, then N trials")
     run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
     run.set_defaults(func=cmd_run)
@@ -190,11 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         for line in e.problems:
             print(f"hpo: {line}", file=sys.stderr)
+    except StorageUnavailable as e:
+        print(f"hpo: {e}", file=sys.stderr)
+        return EXIT_STORAGE_LOST
     except GateFailed as e:
         print(f"hpo: {e}", file=sys.stderr)
         return EXIT_CHECKS_FAILED
     except (DataError, UsageError, StorageError, StudyError) as e:
         print(f"hpo: {e}", file=sys.stderr)
+    except WorkersFailed as e:
+        print(f"hpo: {e}", file=sys.stderr)
+        return 1
     except TrainingDiverged as e:
         print(f"hpo: training diverged: {e}", file=sys.stderr)
         return 1

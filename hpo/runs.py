@@ -22,7 +22,7 @@ from hpo.augment import make_augment
 from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, training_splits
 from hpo.models import build_model
-from hpo.train import EpochStats, fit
+from hpo.train import EpochStats, fit, load_checkpoint
 
 
 def git_revision() -> str:
@@ -60,22 +60,32 @@ def run_record(cfg: StudyConfig, device: torch.device) -> dict[str, Any]:
             "device": str(device), "hostname": platform.node(), "torch": torch.__version__}
 
 
+def resume_history(run_dir: Path) -> list[dict]:
+    """The epochs a run directory already holds (from its ``last.pt``), or []."""
+    last = run_dir / "last.pt"
+    return load_checkpoint(last)["history"] if last.is_file() else []
+
+
 def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData | None = None,
               on_epoch: Callable[[EpochStats], str | None] | None = None,
-              log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train ``cfg`` once on ``device``; write ``config.json``, ``best.pt`` and ``results.json``
-    under a new directory in ``out``; return the summary (``results.json`` minus the history)."""
+              log: Callable[[str], None] | None = print, run_dir: Path | None = None) -> dict[str, Any]:
+    """Train ``cfg`` once on ``device``; write ``config.json``, ``best.pt``, ``last.pt`` and
+    ``results.json`` under a new directory in ``out`` (or ``run_dir``, going on from its
+    ``last.pt`` if it has one); return the summary (``results.json`` minus the history)."""
     t0 = time.perf_counter()
     data = data if data is not None else load_data(cfg.data.path)
     train, val = training_splits(data, cfg.data, device)  # bad data fails here, before any file
     data_seconds = time.perf_counter() - t0
 
-    run_dir = new_run_dir(out, cfg.study.name)
+    if run_dir is None:
+        run_dir = new_run_dir(out, cfg.study.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", run_record(cfg, device))
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, train.x[0].numel(), len(data.classes)).to(device)
     try:
-        result = fit(model, train, val, cfg.train, make_augment(cfg.augment), run_dir / "best.pt", on_epoch, log)
+        result = fit(model, train, val, cfg.train, make_augment(cfg.augment), run_dir / "best.pt", on_epoch, log,
+                     resumable=True)
     except Exception as e:  # recorded beside the config, then raised to the caller
         write_json(run_dir / "results.json", {"error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
         raise
@@ -85,6 +95,7 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
         "stop_reason": result.stop_reason, "seconds": round(result.seconds, 3),
         "train_samples_per_s": round(result.train_samples_per_s, 1), "data_seconds": round(data_seconds, 3),
         "train_size": len(train), "val_size": len(val), "checkpoint": result.checkpoint, "run_dir": str(run_dir),
+        "resumed_from_epoch": result.resumed_from_epoch,
     }
     write_json(run_dir / "results.json", {**summary, "history": [dataclasses.asdict(s) for s in result.history]})
     return summary

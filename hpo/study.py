@@ -10,6 +10,7 @@ queued (trial k of a seeded study always gets the same draw); TPE samples when a
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from hpo.config import Categorical, Range, StudyConfig, hyperparameter
-from hpo.storage import open_storage, study_lock
+from hpo.storage import DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage, study_lock
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what "N finished trials" counts
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)  # what a top-up fills up to N
 TARGET_ATTR, CONFIG_ATTR, HASH_ATTR, DRAW_ATTR = "hpo:n_trials", "hpo:config", "hpo:config_hash", "hpo:draw"
+POP_SPREAD = 8  # how many of the first WAITING trials a worker picks among
 
 
 class StudyError(RuntimeError):
@@ -116,15 +118,16 @@ def _retry_stale(storage_holder: list, study: optuna.Study, trial: optuna.trial.
             return
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs={**trial.user_attrs, "retry_of": trial.number},
+            user_attrs={**trial.user_attrs, "retry_of": trial.number}, intermediate_values=trial.intermediate_values,
             system_attrs={k: v for k, v in trial.system_attrs.items() if k == "fixed_params"}))
 
 
-def open_study(cfg: StudyConfig, storage_url: str, create: bool) -> StudyHandle:
+def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int = HEARTBEAT_INTERVAL,
+               grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> StudyHandle:
     """Create (``create``) or load the study named in ``cfg``. Refuses a study of that name that
     holds a different search space or config: results would be mixed."""
     holder: list = []
-    storage = open_storage(storage_url, stale_callback=lambda s, t: _retry_stale(holder, s, t))
+    storage = open_storage(storage_url, lambda s, t: _retry_stale(holder, s, t), heartbeat, grace, db_timeout)
     holder.append(storage)
     name = cfg.study.name
     exists = name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
@@ -157,7 +160,7 @@ def top_up(handle: StudyHandle) -> int:
     with study_lock(handle.storage, handle.cfg.study.name):
         trials = handle.trials()
         missing = handle.target - sum(t.state in LIVE for t in trials)
-        drawn = sum(DRAW_ATTR in t.user_attrs for t in trials)
+        drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
         queued = 0
         for index in range(drawn, drawn + max(missing, 0)):
             params = draw(handle.cfg, index)
@@ -173,7 +176,11 @@ def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:
     storage = handle.storage
     study_id = storage.get_study_id_from_name(handle.cfg.study.name)
     # Listed through the study, so that its trial cache learns trials queued by other processes.
-    for trial in handle.trials((TrialState.WAITING,)):
+    # Workers start at different places among the first few, rather than all race for the first.
+    waiting = handle.trials((TrialState.WAITING,))
+    head = waiting[:POP_SPREAD]
+    random.shuffle(head)
+    for trial in head + waiting[POP_SPREAD:]:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):

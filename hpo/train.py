@@ -4,6 +4,7 @@ one host sync per epoch. No Optuna here: the study plugs in through ``on_epoch``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -49,6 +50,7 @@ class FitResult:
     seconds: float = 0.0  # training and validation epochs, data loading excluded
     train_samples_per_s: float = 0.0
     checkpoint: str = ""
+    resumed_from_epoch: int = 0  # > 0 when the run went on from a saved state
 
     @property
     def epochs_run(self) -> int:
@@ -97,14 +99,36 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def _snapshot(model: nn.Module, optimizer, scheduler, gen: torch.Generator, result: FitResult,
+              since_best: int) -> dict:
+    """Everything a killed run needs to go on exactly where it stopped."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None, "generator": gen.get_state(),
+            "history": [dataclasses.asdict(s) for s in result.history], "best_epoch": result.best_epoch,
+            "best_val_acc": result.best_val_acc, "since_best": since_best}
+
+
+def _restore(state: dict, model: nn.Module, optimizer, scheduler, gen: torch.Generator, result: FitResult) -> int:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler:
+        scheduler.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    result.history = [EpochStats(**h) for h in state["history"]]
+    result.best_epoch, result.best_val_acc = state["best_epoch"], state["best_val_acc"]
+    return state["since_best"]
+
+
 def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig, augment, checkpoint: Path,
         on_epoch: Callable[[EpochStats], str | None] | None = None,
-        log: Callable[[str], None] | None = None) -> FitResult:
+        log: Callable[[str], None] | None = None, resumable: bool = False) -> FitResult:
     """Train ``model`` as the recipe's ``fit`` does; return the history with the best weights loaded.
 
     ``augment`` turns the train split into batches (see hpo.augment). ``on_epoch`` sees each
     epoch's stats and may return a reason to stop (pruning). The best epoch is saved to
-    ``checkpoint`` and reloaded at the end, as the recipe does with its ``ckpt.pt``.
+    ``checkpoint`` and reloaded at the end, as the recipe does with its ``ckpt.pt``. With
+    ``resumable``, the whole state is saved beside it after every epoch (``last.pt``) and a run
+    that finds one there goes on from it: a retried trial does not start from scratch.
     """
     # -- setup: everything lives on the training device
     device = train.x.device
@@ -115,13 +139,18 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
     result = FitResult(checkpoint=str(checkpoint))
     since_best, train_seconds, train_samples = 0, 0.0, 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    last = checkpoint.with_name("last.pt")
+    if resumable and last.is_file():
+        since_best = _restore(load_checkpoint(last, device), model, optimizer, scheduler, gen, result)
+        result.resumed_from_epoch = result.epochs_run
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(result.epochs_run + 1, cfg.epochs + 1):
         # -- train: metrics stay on the device, no .item() per batch
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
         sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct
+        seen = 0
         for x, y in augment.batches(train, cfg.batch_size, gen):
             logits = model(x)
             loss = criterion(logits, y)
@@ -130,6 +159,7 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
             optimizer.step()
             sums[0] += loss.detach()
             sums[1] += (logits.argmax(1) == y).sum()
+            seen += len(y)
         sync()
         t_train = time.perf_counter() - t0
 
@@ -142,15 +172,15 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
                 sums[3] += (logits.argmax(1) == y).sum()
         loss_sum, correct, val_loss_sum, val_correct = sums.tolist()  # the epoch's one sync
         seconds = time.perf_counter() - t0
-        stats = EpochStats(epoch, loss_sum / len(train), correct / len(train), val_loss_sum / len(val),
+        stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(val),
                            val_correct / len(val), lr, seconds)
         result.history.append(stats)
         result.seconds += seconds
-        train_seconds, train_samples = train_seconds + t_train, train_samples + len(train)
+        train_seconds, train_samples = train_seconds + t_train, train_samples + seen
         if not math.isfinite(stats.loss):
             raise TrainingDiverged(f"loss is {stats.loss} at epoch {epoch} (lr {lr:g}); lower train.lr")
 
-        # -- best-epoch checkpoint, and the recipe's early stopping
+        # -- best-epoch checkpoint, the recipe's early stopping, and the state to resume from
         if stats.val_acc > result.best_val_acc or result.best_epoch == 0:
             result.best_val_acc, result.best_epoch, since_best = stats.val_acc, epoch, 0
             save_checkpoint(checkpoint, {"model": model.state_dict(), "epoch": epoch, "val_acc": stats.val_acc})
@@ -158,6 +188,8 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
             since_best += 1
         if scheduler:
             scheduler.step()
+        if resumable:
+            save_checkpoint(last, _snapshot(model, optimizer, scheduler, gen, result, since_best))
         if log:
             log(f"Epoch {epoch}/{cfg.epochs} loss {stats.loss:.5f} acc {stats.acc:.5f} val_loss "
                 f"{stats.val_loss:.5f} val_acc {stats.val_acc:.5f} lr {lr:.5f} ({seconds:.1f}s)")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,18 @@ from hpo.checks import gate
 from hpo.config import ConfigError, StudyConfig
 from hpo.data import ImageData, load_data
 from hpo.progress import Progress
-from hpo.runs import train_run
-from hpo.storage import fail_stale_trials, mask
+from hpo.runs import new_run_dir, resume_history, train_run
+from hpo.storage import DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageUnavailable, fail_stale_trials, mask
 from hpo.study import COUNTED, StudyHandle, distributions, open_study, pop_waiting, set_target, top_up
 from hpo.train import TrainingDiverged, resolve_device
 
 # A trial's own fault: it fails with the reason recorded and the worker goes on.
 TRIAL_FAILURES = (TrainingDiverged, torch.OutOfMemoryError, ConfigError)
 IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
+
+
+class WorkersFailed(RuntimeError):
+    """Some of the worker processes of ``hpo run --workers K`` did not finish cleanly."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class Options:
     out: str = "runs"  # run directories, one per trial
     artifacts: str = "hpo-artifacts"  # Optuna artifact store; shared storage for many machines
     skip_checks: bool = False
+    heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
+    grace: int = GRACE_PERIOD  # a trial silent this long is failed and queued again
+    db_timeout: float = DB_TIMEOUT  # a worker that cannot reach the database this long exits
 
 
 @contextlib.contextmanager
@@ -86,7 +93,12 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
     study = handle.study
     trial.set_user_attr("device", str(device))
     trial.set_user_attr("hostname", platform.node())
-    history: list[dict] = []
+    # A retried trial carries its first attempt's run directory: it goes on from its last epoch
+    # there (when this machine sees that directory: a shared filesystem across machines).
+    name = handle.cfg.study.name
+    run_dir = Path(trial.user_attrs.get("run_dir") or new_run_dir(Path(opts.out) / name, f"{name}-trial{trial.number}"))
+    trial.set_user_attr("run_dir", str(run_dir))
+    history = resume_history(run_dir)
 
     def on_epoch(stats) -> str | None:
         history.append(dataclasses.asdict(stats))
@@ -97,11 +109,13 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
     try:
         params = suggest(trial, handle.cfg)
         cfg = handle.cfg.with_params(params)
-        result = train_run(cfg, device, Path(opts.out) / handle.cfg.study.name, data, on_epoch, log=None)
+        result = train_run(cfg, device, run_dir.parent, data, on_epoch, log=None, run_dir=run_dir)
     except TRIAL_FAILURES as e:
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
         return
+    except StorageUnavailable:  # no database to tell: the heartbeat's silence will fail the trial
+        raise
     except BaseException as e:  # Ctrl-C, a bug: never leave the trial RUNNING
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         study.tell(trial, state=TrialState.FAIL)
@@ -109,7 +123,7 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
     store = optuna.artifacts.FileSystemArtifactStore(opts.artifacts)
     artifact = optuna.artifacts.upload_artifact(artifact_store=store, file_path=result["checkpoint"],
                                                 study_or_trial=trial)
-    for key in ("best_epoch", "epochs_run", "stop_reason", "seconds", "run_dir"):
+    for key in ("best_epoch", "epochs_run", "stop_reason", "seconds", "resumed_from_epoch"):
         trial.set_user_attr(key, result[key])
     trial.set_user_attr("checkpoint_artifact", artifact)
     if result["stop_reason"] == "pruned":
@@ -118,9 +132,9 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
         study.tell(trial, result["best_val_acc"])
 
 
-def work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Options) -> int:
-    """Run queued trials until the study holds N finished ones; returns how many ran here."""
-    Path(opts.artifacts).mkdir(parents=True, exist_ok=True)
+def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], None]) -> int:
+    """Pop queued trials and ``run`` each (it must tell the study how the trial ended) under a
+    heartbeat, until the study holds N finished trials; returns how many ran here."""
     ran = 0
     while True:
         fail_stale_trials(handle.study)  # dead workers' trials come back queued
@@ -134,8 +148,14 @@ def work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Optio
             continue
         trial, trial_id = popped
         with heartbeat(handle.storage, trial_id):
-            run_trial(handle, trial, data, device, opts)
+            run(trial)
         ran += 1
+
+
+def _trainer(handle: StudyHandle, data: ImageData, device: torch.device,
+             opts: Options) -> Callable[[optuna.trial.Trial], None]:
+    Path(opts.artifacts).mkdir(parents=True, exist_ok=True)
+    return lambda trial: run_trial(handle, trial, data, device, opts)
 
 
 def _devices(device: str, workers: int) -> list[str]:
@@ -149,7 +169,8 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
               worker_args: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers.
     ``worker_args`` is how a worker process re-reads the same config (study file, --param, --data)."""
-    handle = open_study(cfg, opts.storage, create=True)
+    handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
+                        db_timeout=opts.db_timeout)
     set_target(handle, n_trials or cfg.study.n_trials)
     devices = _devices(opts.device, workers)
     data = load_data(cfg.data.path)
@@ -158,7 +179,7 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     t0 = time.perf_counter()
     with Progress(handle, enabled=not quiet):
         if workers == 1:
-            work(handle, data, resolve_device(devices[0]), opts)
+            work(handle, _trainer(handle, data, resolve_device(devices[0]), opts))
         else:
             _spawn(devices, opts, worker_args or [], handle.target)
     return {"study": cfg.study.name, "storage": mask(opts.storage), "finished": len(handle.trials(COUNTED)),
@@ -171,7 +192,9 @@ def _spawn(devices: list[str], opts: Options, worker_args: list[str], target: in
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
     procs = [subprocess.Popen([sys.executable, "-m", "hpo.cli", "worker", *worker_args, "--device", d,
                                "--n-trials", str(target), "--out", opts.out, "--artifacts", opts.artifacts,
-                               "--quiet"], env=env) for d in devices]
+                               "--heartbeat", str(opts.heartbeat), "--grace", str(opts.grace),
+                               "--db-timeout", str(opts.db_timeout), "--quiet"], env=env)
+             for d in devices]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:  # the workers got the same Ctrl-C; let them fail their trials
@@ -179,17 +202,19 @@ def _spawn(devices: list[str], opts: Options, worker_args: list[str], target: in
             p.wait()
         raise
     if any(codes):
-        raise RuntimeError(f"{sum(c != 0 for c in codes)} of {len(procs)} workers exited with an error: {codes}")
+        raise WorkersFailed(f"{sum(c != 0 for c in codes)} of {len(procs)} workers exited with an error "
+                            f"(exit codes {codes}); their messages are above")
 
 
 def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
-    handle = open_study(cfg, opts.storage, create=False)
+    handle = open_study(cfg, opts.storage, create=False, heartbeat=opts.heartbeat, grace=opts.grace,
+                        db_timeout=opts.db_timeout)
     if n_trials:
         set_target(handle, n_trials)
     device = resolve_device(opts.device)
     data = load_data(cfg.data.path)
     gate(handle.study, cfg, data, device, skip=opts.skip_checks)  # returns at once if it passed before
     with Progress(handle, enabled=not quiet):
-        ran = work(handle, data, device, opts)
+        ran = work(handle, _trainer(handle, data, device, opts))
     return {"study": cfg.study.name, "ran": ran, "finished": len(handle.trials(COUNTED))}

@@ -27,7 +27,7 @@ def test_train_prints_epochs_and_a_json_summary(study_file, tmp_path):
     assert summary["epochs_run"] == 3 and summary["best_val_acc"] > 0.5 and summary["train_size"] == 300
 
     run_dir = out / os.listdir(out)[0]
-    assert sorted(os.listdir(run_dir)) == ["best.pt", "config.json", "results.json"]
+    assert sorted(os.listdir(run_dir)) == ["best.pt", "config.json", "last.pt", "results.json"]
     record = json.loads((run_dir / "config.json").read_text())
     assert record["seed"] == 0 and record["git_revision"] and record["device"] == "cpu"
     assert record["config"]["train"]["lr"] == 0.003 and record["config"]["model"]["batch_norm"] is True

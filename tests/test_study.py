@@ -1,6 +1,7 @@
 """Studies on real storage (a SQLite file and a PostgreSQL server), run by real worker processes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,3 +159,32 @@ def test_bad_run_options(study_file, tmp_path, args, message):
     r = hpo_cli("run", study_file(SEARCH), "--out", tmp_path / "r", *args, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert not (tmp_path / "hpo.db").exists() or not trials(f"sqlite:///{tmp_path / 'hpo.db'}")
+
+
+WORKER = """
+import json, sys
+from hpo import load_study, open_study
+from hpo.worker import suggest, work
+handle = open_study(load_study(sys.argv[2]), sys.argv[1], create=False)
+def trivial(trial):
+    handle.study.tell(trial, suggest(trial, handle.cfg)["train.lr"])
+print(json.dumps({"ran": work(handle, trivial)}))
+"""
+
+
+def test_eight_workers_a_hundred_trials_on_postgresql(study_file, postgres_url):
+    """The load case: 8 processes race for 100 slots of a trivial objective."""
+    from hpo.study import set_target, top_up
+
+    path = study_file(SEARCH)
+    handle = open_study(load_study(path), postgres_url, create=True)
+    set_target(handle, 100)
+    top_up(handle)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, postgres_url, str(path)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(8)]
+    ran = [json.loads(p.communicate(timeout=300)[0].splitlines()[-1])["ran"] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    done = trials(postgres_url)
+    assert sum(ran) == 100 and len(done) == 100 and all(t.state == TrialState.COMPLETE for t in done)
+    assert sorted(t.number for t in done) == list(range(100))
+    assert sorted(t.user_attrs[DRAW_ATTR] for t in done) == list(range(100))

@@ -71,6 +71,25 @@ def test_best_epoch_checkpoint_is_what_the_model_ends_with(splits, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
 
 
+def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
+    """Killed after epoch 3 and resumed from last.pt, a run ends exactly as an unbroken one."""
+    cfg = dict(model=ModelConfig(batch_norm=True), augment="recipe", step_size=2, gamma=0.5)
+
+    def go(folder, epochs):
+        torch.manual_seed(0)
+        net = build_model(cfg["model"])
+        train = TrainConfig(epochs=epochs, step_size=cfg["step_size"], gamma=cfg["gamma"])
+        return fit(net, *splits, train, make_augment(cfg["augment"]), folder / "best.pt", resumable=True)
+
+    whole = go(tmp_path / "whole", 6)
+    go(tmp_path / "broken", 3)
+    resumed = go(tmp_path / "broken", 6)
+    strip = lambda r: [dataclasses.replace(s, seconds=0) for s in r.history]  # noqa: E731
+    assert resumed.resumed_from_epoch == 3 and whole.resumed_from_epoch == 0
+    assert strip(resumed) == strip(whole)
+    assert (resumed.best_epoch, resumed.best_val_acc) == (whole.best_epoch, whole.best_val_acc)
+
+
 def test_on_epoch_can_stop_the_run(splits, tmp_path):
     seen = []
     torch.manual_seed(0)

@@ -1,0 +1,132 @@
+"""The database side: outages, bad URLs, passwords never shown, SQLite with several writers."""
+
+import json
+import time
+
+import optuna
+import pytest
+from conftest import SMALL_DATA, hpo_cli
+from optuna.trial import TrialState
+
+from hpo.storage import mask
+
+FULL_DATA = SMALL_DATA + 'train_on = "full"\n'  # 600 training images
+
+TRIALS = """augment = "none"
+[study]
+n_trials = 3
+[train]
+epochs = 40
+batch_size = 16
+[search]
+"train.lr" = [0.001, 0.003]
+"""
+
+
+def via(proxy, url: str, password: str = "") -> str:
+    """The same database, reached through the proxy (with a password trust auth ignores)."""
+    auth = f"postgres:{password}@" if password else "postgres@"
+    return url.replace("postgres@127.0.0.1:5432", f"{auth}127.0.0.1:{proxy.port}")
+
+
+def test_workers_ride_out_a_database_outage(study_file, postgres_url, proxy, tmp_path):
+    url = via(proxy, postgres_url)
+    args = ["run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--skip-checks",
+            "--out", tmp_path / "r", "--artifacts", tmp_path / "a"]
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen([sys.executable, "-m", "hpo.cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="small", storage=postgres_url).trials
+        except KeyError:
+            continue
+        if any(len(t.user_attrs.get("history", [])) >= 3 for t in trials):
+            break
+    proxy.cut()  # every connection dropped, new ones refused...
+    time.sleep(5)
+    proxy.restore()  # ...for five seconds
+    out, err = worker.communicate(timeout=180)
+    assert worker.returncode == 0, err
+    trials = optuna.load_study(study_name="small", storage=postgres_url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3  # nothing lost, nothing doubled
+    assert all([h["epoch"] for h in t.user_attrs["history"]] == list(range(1, 41)) for t in trials)
+
+
+def test_a_worker_gives_up_after_the_limit_with_one_line(study_file, postgres_url, proxy, tmp_path):
+    url = via(proxy, postgres_url, password="s3cret-pw")
+    import subprocess
+    import sys
+
+    args = ["run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--skip-checks",
+            "--db-timeout", "3", "--out", tmp_path / "r", "--artifacts", tmp_path / "a"]
+    worker = subprocess.Popen([sys.executable, "-m", "hpo.cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and worker.poll() is None:
+        time.sleep(0.3)
+        try:
+            if optuna.load_study(study_name="small", storage=postgres_url).trials:
+                break
+        except KeyError:
+            continue
+    proxy.cut()
+    t0 = time.time()
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 4, err
+    assert time.time() - t0 < 60
+    assert err.strip().splitlines()[-1].startswith("hpo: lost the database at postgresql+psycopg://postgres:***@")
+    assert "s3cret-pw" not in out + err
+
+
+@pytest.mark.parametrize("url, message", [
+    ("sqlite3:///x.db", "cannot open the database"),
+    ("not-a-url", "not a database URL"),
+    ("postgresql+psycopg://postgres:hunter2@127.0.0.1:1/nope", "cannot open the database"),  # unreachable
+    ("mysql+pymysql://root:wrong-password@127.0.0.1:3306/test", "Access denied"),  # MariaDB, wrong password
+    ("mysql+mysqldb://root:hunter2@127.0.0.1:3306/test", "driver is not installed (MySQLdb)"),
+])
+def test_bad_storage_urls_are_one_line_exit_2(study_file, tmp_path, url, message):
+    r = hpo_cli("run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--out", tmp_path / "r",
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert "hunter2" not in r.stderr + r.stdout and "wrong-password" not in r.stderr + r.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_study_with_another_config_is_refused_and_left_as_it_was(study_file, storage_url, tmp_path):
+    common = ["--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+              "--artifacts", tmp_path / "a"]
+    path = study_file(TRIALS.replace("epochs = 40", "epochs = 1"), data=FULL_DATA)
+    assert hpo_cli("run", path, *common).returncode == 0
+    before = [(t.number, t.state, t.params) for t in optuna.load_study(study_name="small", storage=storage_url).trials]
+    attrs = optuna.load_study(study_name="small", storage=storage_url).user_attrs
+    r = hpo_cli("run", path, *common, "--param", "train.batch_size=64")
+    assert r.returncode == 2 and "already exists with a different search space or config" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    study = optuna.load_study(study_name="small", storage=storage_url)
+    assert [(t.number, t.state, t.params) for t in study.trials] == before and study.user_attrs == attrs
+
+
+def test_masked_urls():
+    assert mask("postgresql+psycopg://bob:pa55@db:5432/hpo") == "postgresql+psycopg://bob:***@db:5432/hpo"
+    assert mask("sqlite:///hpo.db") == "sqlite:///hpo.db"
+    assert "pa55" not in mask("postgresql://bob:pa55@[bad")
+
+
+def test_sqlite_takes_several_writers(study_file, tmp_path):
+    """Four worker processes on one SQLite file: no 'database is locked', exactly N trials."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    many = TRIALS.replace("epochs = 40", "epochs = 1").replace("n_trials = 3", "n_trials = 16")
+    path = study_file(many, data=FULL_DATA)
+    r = hpo_cli("run", path, "--storage", url, "--workers", 4, "--device", "cpu", "--skip-checks", "--json",
+                "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
+    assert r.returncode == 0 and "locked" not in r.stderr, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["finished"] == 16
+    states = [t.state for t in optuna.load_study(study_name="small", storage=url).trials]
+    assert states == [TrialState.COMPLETE] * 16
