@@ -1,6 +1,8 @@
 """The database side: outages, bad URLs, passwords never shown, SQLite with several writers."""
 
 import json
+import subprocess
+import sys
 import time
 
 import optuna
@@ -29,24 +31,29 @@ def via(proxy, url: str, password: str = "") -> str:
     return url.replace("postgres@127.0.0.1:5432", f"{auth}127.0.0.1:{proxy.port}")
 
 
-def test_workers_ride_out_a_database_outage(study_file, postgres_url, proxy, tmp_path):
-    url = via(proxy, postgres_url)
+def start_run(study_file, url: str, tmp_path, *extra) -> subprocess.Popen:
     args = ["run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--skip-checks",
-            "--out", tmp_path / "r", "--artifacts", tmp_path / "a"]
-    import subprocess
-    import sys
+            "--out", tmp_path / "r", "--artifacts", tmp_path / "a", *extra]
+    return subprocess.Popen([sys.executable, "-m", "hpo.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
-    worker = subprocess.Popen([sys.executable, "-m", "hpo.cli", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+
+def wait_for_epochs(proc: subprocess.Popen, url: str, epochs: int) -> None:
+    """Until some trial of the study has ``epochs`` epochs behind it (read past the proxy)."""
     deadline = time.time() + 120
-    while time.time() < deadline and worker.poll() is None:
+    while time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
         try:
-            trials = optuna.load_study(study_name="small", storage=postgres_url).trials
-        except KeyError:
+            trials = optuna.load_study(study_name="small", storage=url).trials
+        except KeyError:  # no study yet
             continue
-        if any(len(t.user_attrs.get("history", [])) >= 3 for t in trials):
-            break
+        if any(len(t.user_attrs.get("history", [])) >= epochs for t in trials):
+            return
+
+
+def test_workers_ride_out_a_database_outage(study_file, postgres_url, proxy, tmp_path):
+    worker = start_run(study_file, via(proxy, postgres_url), tmp_path)
+    wait_for_epochs(worker, postgres_url, 3)
     proxy.cut()  # every connection dropped, new ones refused...
     time.sleep(5)
     proxy.restore()  # ...for five seconds
@@ -58,22 +65,8 @@ def test_workers_ride_out_a_database_outage(study_file, postgres_url, proxy, tmp
 
 
 def test_a_worker_gives_up_after_the_limit_with_one_line(study_file, postgres_url, proxy, tmp_path):
-    url = via(proxy, postgres_url, password="s3cret-pw")
-    import subprocess
-    import sys
-
-    args = ["run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--skip-checks",
-            "--db-timeout", "3", "--out", tmp_path / "r", "--artifacts", tmp_path / "a"]
-    worker = subprocess.Popen([sys.executable, "-m", "hpo.cli", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and worker.poll() is None:
-        time.sleep(0.3)
-        try:
-            if optuna.load_study(study_name="small", storage=postgres_url).trials:
-                break
-        except KeyError:
-            continue
+    worker = start_run(study_file, via(proxy, postgres_url, password="s3cret-pw"), tmp_path, "--db-timeout", "3")
+    wait_for_epochs(worker, postgres_url, 1)
     proxy.cut()
     t0 = time.time()
     out, err = worker.communicate(timeout=120)
