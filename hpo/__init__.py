@@ -2,7 +2,8 @@
 
 The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
 ``runs`` records one training run, ``config`` reads study files, ``storage`` opens the database,
-``worker`` runs trials, ``progress`` shows them, ``cli`` is the ``hpo`` command.
+``worker`` runs trials, ``progress`` shows them, ``report`` draws data and studies, ``retrain``
+is the recipe's last step, ``cli`` is the ``hpo`` command.
 """
 
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
@@ -10,6 +11,8 @@ from hpo.checks import CheckReport, GateFailed, gate, run_checks
 from hpo.config import ConfigError, StudyConfig, load_study
 from hpo.data import DataError, ImageData, load_data, make_splits, synthetic, training_splits
 from hpo.models import build_model
+from hpo.report import explore, study_report
+from hpo.retrain import retrain
 from hpo.runs import train_run
 from hpo.storage import DEFAULT_STORAGE
 from hpo.study import best_trial, open_study
@@ -18,8 +21,8 @@ from hpo.worker import Options, join_study, run_study
 
 __all__ = [
     "DEFAULT_STORAGE", "CheckReport", "ConfigError", "DataError", "EpochStats", "FitResult", "GateFailed",
-    "ImageData", "Options", "StudyConfig", "TrainingDiverged", "best_trial", "build_model", "fit", "gate",
-    "join_study", "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study",
-    "recipe_on_device", "recipe_pipeline", "resolve_device", "run_checks", "run_study", "synthetic",
-    "train_run", "training_splits",
+    "ImageData", "Options", "StudyConfig", "TrainingDiverged", "best_trial", "build_model", "explore", "fit",
+    "gate", "join_study", "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study",
+    "recipe_on_device", "recipe_pipeline", "resolve_device", "retrain", "run_checks", "run_study",
+    "study_report", "synthetic", "train_run", "training_splits",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hpo.checks import GateFailed
-from hpo.config import ConfigError, StudyConfig, load_study, parse_override
+from hpo.config import ConfigError, StudyConfig, apply_overrides, load_study, parse_override, validate
 from hpo.data import DataError
 from hpo.storage import DB_TIMEOUT, DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageError, StorageUnavailable
 from hpo.study import StudyError
@@ -147,6 +147,71 @@ def cmd_best(args: argparse.Namespace) -> int:
     return _print_best(open_study(_config(args), args.storage, create=False), args.json)
 
 
+def _explore_config(args: argparse.Namespace) -> StudyConfig:
+    """``hpo explore`` takes the study file optionally: without one, the defaults."""
+    if args.study:
+        return _config(args)
+    overrides = dict(parse_override(p) for p in args.param) | ({"data.path": args.data} if args.data else {})
+    return validate(apply_overrides({}, overrides), Path("explore.toml"))
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from hpo.data import load_data
+    from hpo.report import explore
+
+    cfg = _explore_config(args)
+    stats = explore(load_data(cfg.data.path), cfg.data, Path(args.out))
+    s = stats["pixel_stats_train_split"]
+    print(f"{stats['problem']}, {stats['num_classes']} classes; images {stats['channels']} channels "
+          f"{stats['resolution'][0]}x{stats['resolution'][1]} {stats['dtype']}")
+    for split, counts in stats["class_counts"].items():
+        print(f"{split:<19} {sum(counts):>6} images, per class {counts} "
+              f"({'balanced' if stats['balanced'][split] else 'UNBALANCED'})")
+    print(f"train split: min {s['min']} max {s['max']} mean {s['mean']} std {s['std']}")
+    print(f"report: {Path(args.out) / 'explore.html'}, numbers: {Path(args.out) / 'explore.json'}")
+    if args.json:
+        print(json.dumps(stats))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpo.report import study_report
+    from hpo.study import open_study
+
+    sections = study_report(open_study(_config(args), args.storage, create=False), Path(args.out))
+    print(f"wrote {args.out}: {', '.join(sections)}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from hpo.storage import mask, open_storage
+
+    storage = open_storage(args.storage)
+    Path(args.artifacts).mkdir(parents=True, exist_ok=True)
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard for {mask(args.storage)}", flush=True)
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port,
+                                artifact_store=FileSystemArtifactStore(args.artifacts))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from hpo.retrain import retrain
+    from hpo.study import open_study
+
+    _positive("--epochs", args.epochs)
+    handle = open_study(_config(args), args.storage, create=False)
+    result = retrain(handle, _device(args.device), Path(args.out), Path(args.artifacts), args.epochs)
+    print(f"retrained trial {result['from_trial']} on the full split: val_acc {result['val_acc']:.4f}, "
+          f"test_acc {result['test_acc']:.4f} after {result['epochs_run']} epochs ({result['stop_reason']}); "
+          f"model {result['checkpoint']}, study artifact {result['artifact']}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpo", description="Hyperparameter search on Optuna, following the recipe.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,6 +253,33 @@ def parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
     best = sub.add_parser("best", parents=[common, storage], help="the study's best trial")
     best.set_defaults(func=cmd_best)
+
+    explore = sub.add_parser("explore", help="the recipe's data exploration: stats, samples, histogram")
+    explore.add_argument("study", nargs="?", help="study file (optional: its [data] section)")
+    explore.add_argument("--data", help="cifar10, synthetic, or a cifar-10-batches-py / ImageFolder folder")
+    explore.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override a key")
+    explore.add_argument("--out", default="explore", help="folder for explore.html and explore.json")
+    explore.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    explore.set_defaults(func=cmd_explore)
+
+    report = sub.add_parser("report", parents=[common, storage], help="a self-contained HTML report of a study")
+    report.add_argument("--out", default="report.html", help="the HTML file to write")
+    report.set_defaults(func=cmd_report)
+
+    artifacts = argparse.ArgumentParser(add_help=False)
+    artifacts.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
+                           help="the study's artifact store folder")
+    dash = sub.add_parser("dashboard", parents=[storage, artifacts], help="optuna-dashboard on the study's storage")
+    dash.add_argument("study", nargs="?", help="study file (unused: the dashboard shows every study)")
+    dash.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.set_defaults(func=cmd_dashboard)
+
+    retrain = sub.add_parser("retrain", parents=[common, storage, artifacts],
+                             help="the best trial's setting on the full split, evaluated on test")
+    retrain.add_argument("--epochs", type=int, help="override train.epochs")
+    retrain.add_argument("--out", default="runs", help="folder for the run directory")
+    retrain.set_defaults(func=cmd_retrain)
     return p
 
 

@@ -10,6 +10,7 @@ import time
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from hpo.storage import StorageError
 from hpo.study import COUNTED, StudyHandle
 
 POLL = 1.0  # seconds between looks at the storage
@@ -46,17 +47,21 @@ class Progress:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if not self.enabled:
             return
         self.stop.set()
         self.thread.join()
-        self._poll()
+        if exc_type is None:  # the last trials; after an error the storage may be what failed
+            self._poll()
         self.bar.close()
 
     def _watch(self) -> None:
         while not self.stop.wait(POLL):
-            self._poll()
+            try:
+                self._poll()
+            except StorageError:  # the database is away: the worker itself retries and reports
+                return
 
     def _poll(self) -> None:
         trials = self.handle.trials(COUNTED + (TrialState.FAIL,))

@@ -99,6 +99,24 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def _eval_sums(model: nn.Module, split: DeviceSplit, criterion: nn.Module) -> torch.Tensor:
+    """Summed loss and correct count over ``split`` in eval mode, in chunks that bound memory."""
+    model.eval()
+    sums = torch.zeros(2, device=split.x.device)
+    with torch.no_grad():
+        for x, y in zip(split.x.split(EVAL_BATCH), split.y.split(EVAL_BATCH), strict=True):
+            logits = model(normalize(x))
+            sums[0] += criterion(logits, y)
+            sums[1] += (logits.argmax(1) == y).sum()
+    return sums
+
+
+def evaluate(model: nn.Module, split: DeviceSplit) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on ``split``."""
+    loss_sum, correct = _eval_sums(model, split, nn.CrossEntropyLoss(reduction="sum")).tolist()
+    return loss_sum / len(split), correct / len(split)
+
+
 def _snapshot(model: nn.Module, optimizer, scheduler, gen: torch.Generator, result: FitResult,
               since_best: int) -> dict:
     """Everything a killed run needs to go on exactly where it stopped."""
@@ -163,13 +181,8 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
         sync()
         t_train = time.perf_counter() - t0
 
-        # -- validate, in chunks that bound memory
-        model.eval()
-        with torch.no_grad():
-            for x, y in zip(val.x.split(EVAL_BATCH), val.y.split(EVAL_BATCH), strict=True):
-                logits = model(normalize(x))
-                sums[2] += criterion(logits, y)
-                sums[3] += (logits.argmax(1) == y).sum()
+        # -- validate
+        sums[2:] = _eval_sums(model, val, criterion)
         loss_sum, correct, val_loss_sum, val_correct = sums.tolist()  # the epoch's one sync
         seconds = time.perf_counter() - t0
         stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(val),

@@ -93,6 +93,7 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
     study = handle.study
     trial.set_user_attr("device", str(device))
     trial.set_user_attr("hostname", platform.node())
+    trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
     # A retried trial carries its first attempt's run directory: it goes on from its last epoch
     # there (when this machine sees that directory: a shared filesystem across machines).
     name = handle.cfg.study.name

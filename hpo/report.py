@@ -1,0 +1,160 @@
+"""See it: the recipe's data exploration and a study report, as self-contained plotly HTML
+(plotly.js inlined, so the file opens anywhere, offline)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import plotly.express as px
+import plotly.graph_objects as go
+
+from hpo.checks import IMBALANCE_WARNING
+from hpo.config import DataConfig
+from hpo.data import ImageData, make_splits
+from hpo.study import COUNTED, StudyHandle
+
+Section = tuple[str, "go.Figure | str"]
+
+
+def write_html(path: Path, title: str, sections: list[Section]) -> None:
+    """One HTML file: headings, figures (plotly.js inlined once) and HTML snippets. Atomic."""
+    parts, js = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+                 f"<h1>{html.escape(title)}</h1>"], "inline"
+    for heading, content in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(content, go.Figure):
+            if content.layout.height is None:  # else it stretches to the window's height
+                content.update_layout(height=450)
+            parts.append(content.to_html(full_html=False, include_plotlyjs=js))
+            js = False
+        else:
+            parts.append(content)
+    parts.append("</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
+
+
+# --- the recipe's data exploration ------------------------------------------------------------
+
+
+def _channel_stats(images: np.ndarray) -> dict[str, list[float]]:
+    """Exact per-channel stats in [0, 1] from 256-bin histograms: no float copy of the images."""
+    channels = images.reshape(-1, images.shape[-1])
+    values = np.arange(256, dtype=np.float64)
+    mean, std, lo, hi = [], [], [], []
+    for c in range(channels.shape[1]):
+        counts = np.bincount(channels[:, c], minlength=256).astype(np.float64)
+        n = counts.sum()
+        m = (values * counts).sum() / n
+        mean.append(float(m / 255))
+        std.append(float(np.sqrt((values ** 2 * counts).sum() / n - m ** 2) / 255))
+        present = np.flatnonzero(counts)
+        lo.append(int(present[0]))
+        hi.append(int(present[-1]))
+    return {"mean": [round(v, 4) for v in mean], "std": [round(v, 4) for v in std], "min": lo, "max": hi}
+
+
+def explore(data: ImageData, cfg: DataConfig, out: Path, seed: int = 0) -> dict[str, Any]:
+    """Everything the recipe looks at before training; writes explore.html and explore.json."""
+    splits = make_splits(data.train_y, cfg)
+    labels = {"all training images": data.train_y, "train split": data.train_y[splits.train],
+              "val split": data.train_y[splits.val], "test": data.test_y}
+    counts = {k: np.bincount(v, minlength=len(data.classes)).tolist() for k, v in labels.items()}
+    balanced = {k: min(c) > 0 and max(c) / min(c) <= IMBALANCE_WARNING for k, c in counts.items()}
+    n, h, w, c = data.train_x.shape
+    stats = {
+        "problem": "multiclass classification", "num_classes": len(data.classes), "classes": list(data.classes),
+        "images": {"train_folder": n, "test_folder": len(data.test_x)},
+        "split_sizes": {k: len(v) for k, v in labels.items()}, "class_counts": counts, "balanced": balanced,
+        "channels": c, "resolution": [h, w], "dtype": str(data.train_x.dtype),
+        "pixel_stats_train_split": _channel_stats(data.train_x[splits.train]),
+    }
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(n, size=15, replace=False)
+    grid = px.imshow(data.train_x[pick], facet_col=0, facet_col_wrap=5, binary_string=True)
+    for annotation in grid.layout.annotations:  # "facet_col=k", in plotly's own (row-reversed) order
+        annotation.text = data.classes[data.train_y[pick[int(annotation.text.rpartition("=")[2])]]]
+    grid.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False).update_layout(height=600)
+    bars = go.Figure([go.Bar(name=k, x=list(data.classes), y=v) for k, v in counts.items()])
+    bars.update_layout(barmode="group", xaxis_title="class", yaxis_title="images")
+    summary = [{"what": k, "value": json.dumps(v)} for k, v in stats.items() if k != "class_counts"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_html(out / "explore.html", "Data exploration",
+               [("Summary", table(summary)), ("Sample images", grid), ("Class histogram", bars)])
+    (out / "explore.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+# --- the study report --------------------------------------------------------------------------
+
+
+def _label(t: optuna.trial.FrozenTrial) -> str:
+    return " ".join(f"{k.rpartition('.')[2]}={v:g}" if isinstance(v, float) else f"{k.rpartition('.')[2]}={v}"
+                    for k, v in t.params.items())
+
+
+def _or_note(draw, *args, **kwargs) -> go.Figure | str:
+    """An Optuna figure, or why it cannot be drawn yet (too few trials, one value only...)."""
+    try:
+        return draw(*args, **kwargs)
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:
+        return f"<p>not drawn: {html.escape(str(e))}</p>"
+
+
+def _timeline(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
+    """A Gantt chart: one row per worker process, one bar per trial, coloured by state."""
+    fig = go.Figure()
+    for state in sorted({t.state.name for t in trials}):
+        rows = [t for t in trials if t.state.name == state]
+        fig.add_bar(orientation="h", name=state, text=[f"#{t.number}" for t in rows],
+                    y=[t.user_attrs.get("worker", t.user_attrs.get("hostname", "?")) for t in rows],
+                    base=[t.datetime_start.isoformat() for t in rows],
+                    x=[(t.datetime_complete - t.datetime_start).total_seconds() * 1000 for t in rows])
+    return fig.update_xaxes(type="date").update_layout(yaxis_title="worker (host:pid)", barmode="overlay")
+
+
+def study_report(handle: StudyHandle, path: Path) -> list[str]:
+    """The recipe's figures for a whole study; returns the section titles written."""
+    study, vis = handle.study, optuna.visualization
+    done = handle.trials(COUNTED)
+    curves = go.Figure()
+    for t in done:
+        hist = t.user_attrs.get("history", [])
+        curves.add_scatter(x=[h["epoch"] for h in hist], y=[h["loss"] for h in hist], mode="lines",
+                           name=f"#{t.number} {_label(t)}")
+    curves.update_layout(xaxis_title="epoch", yaxis_title="train loss")
+    params = list(handle.cfg.search)[:2]
+    gates = [{"config": k[5:], "passed": v.get("passed"), "skipped": v.get("skipped"),
+              **{c["name"]: f"{'pass' if c['passed'] else 'FAIL'} ({c['value']})" for c in v.get("checks", [])}}
+             for k, v in study.user_attrs.items() if k.startswith("gate:")]
+    ended = [t for t in handle.trials() if t.datetime_start and t.datetime_complete]
+    sections: list[Section] = [
+        ("Optimization history", _or_note(vis.plot_optimization_history, study)),
+        ("Learning curves: val accuracy per epoch", _or_note(vis.plot_intermediate_values, study)),
+        ("Learning curves: train loss per epoch", curves),
+        (f"{' against '.join(params)}, coloured by value",
+         _or_note(vis.plot_rank, study, params=params) if len(params) == 2 else "<p>needs two searched keys</p>"),
+        ("Parameter importances", _or_note(vis.plot_param_importances, study)),
+        ("Sanity gate", table(gates)),
+        ("Trials per worker", _timeline(ended) if ended else "<p>no finished trial</p>"),
+    ]
+    write_html(path, f"Study {study.study_name}: {len(done)} finished trials", sections)
+    return [s[0] for s in sections]

@@ -1,0 +1,141 @@
+"""See it: explore, the study report, retrain, and optuna-dashboard in a real headless Chromium."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import optuna
+import pytest
+from conftest import hpo_cli
+
+from hpo.data import synthetic
+from hpo.train import load_checkpoint
+
+STUDY = """augment = "none"
+[study]
+n_trials = 4
+[train]
+epochs = 3
+[search]
+"train.lr" = [0.01, 0.003, 0.001]
+"train.batch_size" = [32, 64]
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """A small finished study in a SQLite file, as `hpo run` leaves it (gate included)."""
+    tmp = tmp_path_factory.mktemp("study")
+    path = tmp / "small.toml"
+    path.write_text(STUDY + '\n[data]\npath = "synthetic"\ntrain_size = 600\nval_size = 200\nsubset_size = 300\n')
+    url = f"sqlite:///{tmp / 'study.db'}"
+    r = hpo_cli("run", path, "--storage", url, "--device", "cpu", "--out", tmp / "runs", "--artifacts", tmp / "art")
+    assert r.returncode == 0, r.stderr
+    return tmp, path, url
+
+
+def test_explore_reports_the_recipe_s_numbers(tmp_path):
+    r = hpo_cli("explore", "--data", "synthetic", "--param", "data.train_size=600", "--param", "data.val_size=200",
+                "--param", "data.subset_size=300", "--out", tmp_path / "ex", "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout.splitlines()[-1])
+    data = synthetic()
+    assert stats["num_classes"] == 10 and stats["channels"] == 3 and stats["resolution"] == [32, 32]
+    assert stats["dtype"] == "uint8" and stats["class_counts"]["all training images"] == [100] * 10
+    assert stats["split_sizes"] == {"all training images": 1000, "train split": 600, "val split": 200, "test": 200}
+    assert all(stats["balanced"].values())
+    from hpo.config import DataConfig
+    from hpo.data import make_splits
+
+    train = data.train_x[make_splits(data.train_y, DataConfig(train_size=600, val_size=200, subset_size=300)).train]
+    expected = (train / 255).mean(axis=(0, 1, 2))
+    assert np.allclose(stats["pixel_stats_train_split"]["mean"], expected, atol=1e-4)
+    assert np.allclose(stats["pixel_stats_train_split"]["std"], (train / 255).std(axis=(0, 1, 2)), atol=1e-4)
+    page = (tmp_path / "ex" / "explore.html").read_text()
+    assert "Sample images" in page and "Class histogram" in page and "class3" in page
+    assert "Plotly.newPlot" in page and 'src="https://cdn.plot.ly' not in page  # plotly.js is inlined
+    assert json.loads((tmp_path / "ex" / "explore.json").read_text()) == stats
+
+
+def test_the_study_report_has_every_figure(finished_study, tmp_path):
+    tmp, path, url = finished_study
+    out = tmp_path / "report.html"
+    r = hpo_cli("report", path, "--storage", url, "--out", out)
+    assert r.returncode == 0, r.stderr
+    page = out.read_text()
+    for title in ("Optimization history", "val accuracy per epoch", "train loss per epoch",
+                  "train.lr against train.batch_size", "Parameter importances", "Sanity gate", "Trials per worker"):
+        assert title in page, title
+    assert "not drawn" not in page
+    assert "input_independent_baseline" in page  # the gate's checks, as recorded in the study
+    assert page.count("Plotly.newPlot") == 6
+
+
+def test_retrain_trains_the_best_on_the_full_split_and_tests_once(finished_study, tmp_path):
+    tmp, path, url = finished_study
+    r = hpo_cli("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--out", tmp_path / "runs",
+                "--artifacts", tmp / "art", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert {"val_acc", "test_acc", "epochs_run", "checkpoint"} <= set(result) and result["epochs_run"] == 2
+    study = optuna.load_study(study_name="small", storage=url)
+    best = study.best_trial
+    assert result["from_trial"] == best.number and result["params"] == best.params
+    final = load_checkpoint(result["checkpoint"])
+    assert final["config"]["data"]["train_on"] == "full" and final["test_acc"] == result["test_acc"]
+    assert final["config"]["train"]["lr"] == best.params["train.lr"]
+    assert 0.1 < result["test_acc"] <= 1.0
+    assert list((tmp / "art").rglob(result["artifact"]))  # stored as a study artifact
+    assert study.user_attrs["hpo:retrain"]["test_acc"] == result["test_acc"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished_study):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tmp, path, url = finished_study
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "hpo.cli", "dashboard", "--storage", url, "--port", str(port),
+                               "--artifacts", str(tmp / "art")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium")
+    browser = None
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        browser.get(f"http://127.0.0.1:{port}/dashboard")
+        WebDriverWait(browser, 30).until(lambda _: "small" in page())
+        assert "MAXIMIZE" in page()
+        browser.get(f"http://127.0.0.1:{port}/dashboard/studies/1/trials")
+        WebDriverWait(browser, 30).until(lambda _: "Trial 3" in page())
+        text = page()
+        assert "4 Trials" in text and all(f"Trial {i}" in text for i in range(4))
+        WebDriverWait(browser, 30).until(lambda _: "best.pt" in page())  # the checkpoint artifact is listed
+    finally:
+        if browser:
+            browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
