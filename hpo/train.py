@@ -158,11 +158,15 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
     since_best, train_seconds, train_samples = 0, 0.0, 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     last = checkpoint.with_name("last.pt")
+    first = 1
     if resumable and last.is_file():
         since_best = _restore(load_checkpoint(last, device), model, optimizer, scheduler, gen, result)
         result.resumed_from_epoch = result.epochs_run
+        first = result.epochs_run + 1
+        if cfg.patience and since_best >= cfg.patience:  # it had stopped early before it was killed
+            first, result.stop_reason = cfg.epochs + 1, "early_stopping"
 
-    for epoch in range(result.epochs_run + 1, cfg.epochs + 1):
+    for epoch in range(first, cfg.epochs + 1):
         # -- train: metrics stay on the device, no .item() per batch
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]

@@ -17,10 +17,11 @@ def splits():
     return training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300), CPU)
 
 
-def run(splits, tmp_path, augment="none", model=None, **train):
+def run(splits, tmp_path, augment="none", model=None, resumable=False, **train):
     torch.manual_seed(0)
     net = build_model(model or ModelConfig())
-    result = fit(net, *splits, TrainConfig(**{"epochs": 4, **train}), make_augment(augment), tmp_path / "best.pt")
+    result = fit(net, *splits, TrainConfig(**{"epochs": 4, **train}), make_augment(augment), tmp_path / "best.pt",
+                 resumable=resumable)
     return net, result
 
 
@@ -88,6 +89,12 @@ def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
     assert resumed.resumed_from_epoch == 3 and whole.resumed_from_epoch == 0
     assert strip(resumed) == strip(whole)
     assert (resumed.best_epoch, resumed.best_val_acc) == (whole.best_epoch, whole.best_val_acc)
+
+
+def test_a_run_killed_after_it_stopped_early_stays_stopped(splits, tmp_path):
+    stopped = run(splits, tmp_path, lr=0.0, epochs=50, patience=3, resumable=True)[1]
+    again = run(splits, tmp_path, lr=0.0, epochs=50, patience=3, resumable=True)[1]
+    assert stopped.epochs_run == again.epochs_run == 4 and again.stop_reason == "early_stopping"
 
 
 def test_on_epoch_can_stop_the_run(splits, tmp_path):
