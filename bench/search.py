@@ -10,7 +10,6 @@ Writes bench/results/search-<device>.md and .json, naming the machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -33,13 +32,16 @@ from hpo.study import draw  # noqa: E402
 STUDY = HERE.parent / "studies" / "recipe-random-search.toml"
 
 
-def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str) -> dict:
+def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str, workers: int = 1) -> dict:
     """Run the study in a fresh SQLite file; wall time, epochs spent and the best value."""
-    cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, name=f"bench-{tag}"))
+    overrides = {"study.name": f"bench-{tag}", "train.patience": cfg.train.patience, "study.pruner": cfg.study.pruner}
+    cfg = cfg.with_params(overrides)
     opts = Options(storage=f"sqlite:///{tmp / tag}.db", device=device, out=str(tmp / "runs"),
                    artifacts=str(tmp / "art"), skip_checks=True)
+    worker_args = [str(STUDY), f"--data={cfg.data.path}", "--skip-checks",
+                   *(f"--param={k}={v!r}" if isinstance(v, str) else f"--param={k}={v}" for k, v in overrides.items())]
     t0 = time.perf_counter()
-    run_study(cfg, opts, n_trials=trials, quiet=True)
+    run_study(cfg, opts, n_trials=trials, workers=workers, worker_args=worker_args, quiet=True)
     wall = time.perf_counter() - t0
     done = open_study(cfg, opts.storage, create=False).trials((TrialState.COMPLETE, TrialState.PRUNED))
     return {"wall_s": round(wall, 1), "epochs": sum(t.user_attrs["epochs_run"] for t in done),
@@ -62,6 +64,7 @@ def main() -> None:
         tmp = Path(tmp)
         # (b) the same draws, 20 epochs each, no early stopping on either side
         rows["hpo, no early stopping"] = hpo_study(no_stop, str(device), args.trials, tmp, "b")
+        rows["hpo, no early stopping, 2 workers"] = hpo_study(no_stop, str(device), args.trials, tmp, "b2", workers=2)
         splits = make_splits(data.train_y, base.data)
         xs, ys = data.train_x[splits.subset], data.train_y[splits.subset]
         xv, yv = data.train_x[splits.val], data.train_y[splits.val]
@@ -75,7 +78,7 @@ def main() -> None:
                                            "epochs": args.trials * base.train.epochs, "best_val_acc": round(best, 4)}
         # (d) the study's own pruning: early stopping (patience 5), then with the median pruner on top
         rows["hpo, early stopping (patience 5)"] = hpo_study(base, str(device), args.trials, tmp, "d1")
-        median = dataclasses.replace(base, study=dataclasses.replace(base.study, pruner="median"))
+        median = base.with_params({"study.pruner": "median"})
         rows["hpo, early stopping + median pruner"] = hpo_study(median, str(device), args.trials, tmp, "d2")
     full = rows["hpo, no early stopping"]
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "trials": args.trials,

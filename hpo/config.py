@@ -146,7 +146,7 @@ class StudyConfig:
     def with_params(self, params: dict[str, Any]) -> StudyConfig:
         """This config with dotted keys set (a trial's sampled values), validated like the file."""
         raw = {k: v for k, v in self.to_dict().items() if k not in ("search", "source")}
-        return validate(apply_overrides(raw, params), Path(self.source))
+        return dataclasses.replace(validate(apply_overrides(raw, params), Path(self.source)), search=self.search)
 
 
 # --- validation ---------------------------------------------------------------------------

@@ -87,6 +87,15 @@ def test_overrides_are_typed_and_validated(study_file):
         parse_override("train.lr")
 
 
+def test_with_params_sets_keys_validates_and_keeps_the_search_space():
+    cfg = load_study("studies/recipe-random-search.toml")
+    trial = cfg.with_params({"train.lr": 0.01, "train.batch_size": 128, "study.name": "other"})
+    assert (trial.train.lr, trial.train.batch_size, trial.study.name) == (0.01, 128, "other")
+    assert trial.search == cfg.search and trial.model == cfg.model and trial.augment == cfg.augment
+    with pytest.raises(ConfigError, match="data.subset_size: must be <= data.train_size"):
+        cfg.with_params({"data.subset_size": 50_000})
+
+
 def test_search_ranges(study_file):
     cfg = load_study(study_file("[search]\n'train.lr' = {low = 1e-4, high = 1e-1, log = true}\n"
                                 "'model.hidden' = {low = 32, high = 256, step = 32}"))
