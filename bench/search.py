@@ -4,6 +4,8 @@ seeded trials with and without it.
 
     python bench/search.py --data ../shared/data/cifar10-jpeg [--device cpu] [--trials 5]
 
+On CUDA, where several trials may share the GPU, hpo also runs one worker per trial.
+
 Writes bench/results/search-<device>.md and .json, naming the machine.
 """
 
@@ -22,9 +24,10 @@ from optuna.trial import TrialState
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import recipe_loop  # noqa: E402
-from engine import machine  # noqa: E402
+from engine import add_common_args, machine  # noqa: E402
 
 from hpo import Options, load_data, load_study, open_study, recipe_pipeline, resolve_device, run_study  # noqa: E402
+from hpo.config import parse_override  # noqa: E402
 from hpo.data import make_splits  # noqa: E402
 from hpo.runs import git_revision  # noqa: E402
 from hpo.study import draw  # noqa: E402
@@ -32,9 +35,10 @@ from hpo.study import draw  # noqa: E402
 STUDY = HERE.parent / "studies" / "recipe-random-search.toml"
 
 
-def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str, workers: int = 1) -> dict:
+def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str, params: dict, workers: int = 1) -> dict:
     """Run the study in a fresh SQLite file; wall time, epochs spent and the best value."""
-    overrides = {"study.name": f"bench-{tag}", "train.patience": cfg.train.patience, "study.pruner": cfg.study.pruner}
+    overrides = {"study.name": f"bench-{tag}", "train.patience": cfg.train.patience, "study.pruner": cfg.study.pruner,
+                 **params}
     cfg = cfg.with_params(overrides)
     opts = Options(storage=f"sqlite:///{tmp / tag}.db", device=device, out=str(tmp / "runs"),
                    artifacts=str(tmp / "art"), skip_checks=True)
@@ -44,27 +48,35 @@ def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str, workers: int =
     run_study(cfg, opts, n_trials=trials, workers=workers, worker_args=worker_args, quiet=True)
     wall = time.perf_counter() - t0
     done = open_study(cfg, opts.storage, create=False).trials((TrialState.COMPLETE, TrialState.PRUNED))
+    span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    trial_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
     return {"wall_s": round(wall, 1), "epochs": sum(t.user_attrs["epochs_run"] for t in done),
             "best_val_acc": max(t.value for t in done if t.state == TrialState.COMPLETE),
+            "trials": len(done), "span_s": round(span.total_seconds(), 2),  # first trial's start to last one's end
+            "trial_s": round(trial_s, 2), "fit_s": round(sum(t.user_attrs["seconds"] for t in done), 2),
             "params": [t.params for t in sorted(done, key=lambda t: t.number)]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="cifar10")
-    ap.add_argument("--device", default="auto")
+    add_common_args(ap)
     ap.add_argument("--trials", type=int, default=5)
     args = ap.parse_args()
     device = resolve_device(args.device)
-    base = load_study(STUDY, {"data.path": args.data})
+    params = dict(parse_override(p) for p in args.param)
+    base = load_study(STUDY, {"data.path": args.data, **params})
     no_stop = base.with_params({"train.patience": 0})
     data = load_data(args.data)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # (b) the same draws, 20 epochs each, no early stopping on either side
-        rows["hpo, no early stopping"] = hpo_study(no_stop, str(device), args.trials, tmp, "b")
-        rows["hpo, no early stopping, 2 workers"] = hpo_study(no_stop, str(device), args.trials, tmp, "b2", workers=2)
+        rows["hpo, no early stopping"] = hpo_study(no_stop, str(device), args.trials, tmp, "b", params)
+        rows["hpo, no early stopping, 2 workers"] = hpo_study(no_stop, str(device), args.trials, tmp, "b2", params,
+                                                              workers=2)
+        if device.type == "cuda":
+            rows[f"hpo, no early stopping, {args.trials} workers on the GPU"] = hpo_study(
+                no_stop, str(device), args.trials, tmp, "bk", params, workers=args.trials)
         splits = make_splits(data.train_y, base.data)
         xs, ys = data.train_x[splits.subset], data.train_y[splits.subset]
         xv, yv = data.train_x[splits.val], data.train_y[splits.val]
@@ -77,12 +89,13 @@ def main() -> None:
         rows["recipe loop, sequential"] = {"wall_s": round(time.perf_counter() - t0, 1),
                                            "epochs": args.trials * base.train.epochs, "best_val_acc": round(best, 4)}
         # (d) the study's own pruning: early stopping (patience 5), then with the median pruner on top
-        rows["hpo, early stopping (patience 5)"] = hpo_study(base, str(device), args.trials, tmp, "d1")
+        rows["hpo, early stopping (patience 5)"] = hpo_study(base, str(device), args.trials, tmp, "d1", params)
         median = base.with_params({"study.pruner": "median"})
-        rows["hpo, early stopping + median pruner"] = hpo_study(median, str(device), args.trials, tmp, "d2")
+        rows["hpo, early stopping + median pruner"] = hpo_study(median, str(device), args.trials, tmp, "d2", params)
     full = rows["hpo, no early stopping"]
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "trials": args.trials,
-              "epochs_per_trial": base.train.epochs, "git_revision": git_revision()}
+              "epochs_per_trial": base.train.epochs, "data": args.data, "params": args.param,
+              "git_revision": git_revision()}
     recipe_wall = rows["recipe loop, sequential"]["wall_s"]
     lines = [f"# The recipe's random search ({header['machine']})", "", *(f"- {k}: {v}" for k, v in header.items()),
              "", "Same seeded (lr, batch size) draws in every row; gate skipped (it adds about 5 s once).", "",
@@ -90,8 +103,8 @@ def main() -> None:
              "|---|---|---|---|---|---|",
              *(f"| {k} | {r['wall_s']} | {r['epochs']} | {r['epochs'] / full['epochs']:.0%} | "
                f"{r['best_val_acc']:.4f} | {recipe_wall / r['wall_s']:.2f}x |" for k, r in rows.items())]
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"search-{device.type}.md").write_text("\n".join(lines) + "\n")
     (out / f"search-{device.type}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))

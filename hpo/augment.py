@@ -50,6 +50,12 @@ def _resize_matrix(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
     return m
 
 
+@functools.lru_cache(maxsize=16)
+def _colour_matrices(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToGray's and the identity's, made once: a host-to-device copy per batch would be a wait."""
+    return torch.tensor(GRAY_WEIGHTS, device=device).expand(c, c), torch.eye(c, device=device)
+
+
 def recipe_apply(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
                  gray: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """The recipe's pipeline with its random draws given, for a uint8 batch ``[B, C, H, W]``.
@@ -71,8 +77,7 @@ def recipe_apply(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: t
     # Resize as two small matmuls: 2-3x faster than F.interpolate on the CPU, and exact.
     img = (_resize_matrix(h, ch, dev) @ crop @ _resize_matrix(w, cw, dev).T).round_().reshape(b, c, h * w)
     # ToGray as a per-image colour matrix (identity where not drawn): one batched matmul.
-    luma = torch.tensor(GRAY_WEIGHTS, device=dev).expand(c, c)
-    colour = torch.where(gray[:, None, None], luma, torch.eye(c, device=dev))
+    colour = torch.where(gray[:, None, None], *_colour_matrices(c, dev))
     img = torch.bmm(colour, img).round_()
     img.add_(shift.trunc()[:, :, None]).clamp_(0, 255)  # albumentations truncates the shift
     return img.reshape(b, c, h, w)

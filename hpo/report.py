@@ -8,17 +8,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
-import plotly.express as px
-import plotly.graph_objects as go
 
 from hpo.checks import IMBALANCE_WARNING
 from hpo.config import DataConfig
 from hpo.data import ImageData, make_splits
 from hpo.study import COUNTED, StudyHandle
+
+if TYPE_CHECKING:  # plotly is imported where a figure is drawn: every worker imports hpo, none draws
+    import plotly.graph_objects as go
 
 Section = tuple[str, "go.Figure | str"]
 
@@ -29,7 +30,7 @@ def write_html(path: Path, title: str, sections: list[Section]) -> None:
                  f"<h1>{html.escape(title)}</h1>"], "inline"
     for heading, content in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        if isinstance(content, go.Figure):
+        if not isinstance(content, str):  # a plotly figure
             if content.layout.height is None:  # else it stretches to the window's height
                 content.update_layout(height=450)
             parts.append(content.to_html(full_html=False, include_plotlyjs=js))
@@ -89,6 +90,9 @@ def explore(data: ImageData, cfg: DataConfig, out: Path, seed: int = 0) -> dict[
     }
     rng = np.random.default_rng(seed)
     pick = rng.choice(n, size=15, replace=False)
+    import plotly.express as px
+    import plotly.graph_objects as go
+
     grid = px.imshow(data.train_x[pick], facet_col=0, facet_col_wrap=5, binary_string=True)
     for annotation in grid.layout.annotations:  # "facet_col=k", in plotly's own (row-reversed) order
         annotation.text = data.classes[data.train_y[pick[int(annotation.text.rpartition("=")[2])]]]
@@ -121,6 +125,8 @@ def _or_note(draw, *args, **kwargs) -> go.Figure | str:
 
 def _timeline(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
     """A Gantt chart: one row per worker process, one bar per trial, coloured by state."""
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     for state in sorted({t.state.name for t in trials}):
         rows = [t for t in trials if t.state.name == state]
@@ -133,6 +139,8 @@ def _timeline(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
 
 def study_report(handle: StudyHandle, path: Path) -> list[str]:
     """The recipe's figures for a whole study; returns the section titles written."""
+    import plotly.graph_objects as go
+
     study, vis = handle.study, optuna.visualization
     done = handle.trials(COUNTED)
     curves = go.Figure()

@@ -26,7 +26,8 @@ from hpo.train import EpochStats, fit, load_checkpoint
 
 
 def git_revision() -> str:
-    """The checkout's commit (``+dirty`` when it has local changes), or ``unknown``."""
+    """The checkout's commit (``+dirty`` when it has local changes); where there is no git checkout
+    (a Docker image, a copied tree), ``$HPO_GIT_REVISION``; else ``unknown``."""
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -34,7 +35,7 @@ def git_revision() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("HPO_GIT_REVISION", "unknown")
     return rev + ("+dirty" if dirty else "")
 
 

@@ -91,12 +91,70 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # Fused: one kernel over all parameters instead of a chain of foreach ops (CPU and CUDA alike).
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+def make_optimizer(model: nn.Module, cfg: TrainConfig, graphs: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer, fused: one kernel over all parameters (CPU and CUDA alike).
+
+    For CUDA graphs the step must be capturable and the lr a device tensor, which StepLR then
+    updates in place: a float lr would be frozen into the captured kernel.
+    """
+    device = next(model.parameters()).device
+    lr = torch.tensor(cfg.lr, device=device) if graphs else cfg.lr
+    if cfg.optimizer == "sgd":  # SGD keeps no step count on the host: capturable as it is
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
+                            capturable=graphs)
+
+
+class TrainStep:
+    """One optimizer step on a batch, adding its summed loss and correct count to ``sums``.
+
+    At the recipe's batch sizes the step's ~30 small kernels cost less than launching them. With
+    ``graphs`` (CUDA only) the step is captured once as a CUDA graph and then replayed: one launch
+    a batch. The first steps run eagerly on a side stream, as capture requires (they create the
+    optimizer state); batches of another size, an epoch's last, run eagerly too.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor, batch_size: int,
+                 graphs: bool):
+        self.model, self.optimizer, self.sums, self.batch_size = model, optimizer, sums, batch_size
+        self.criterion = nn.CrossEntropyLoss(reduction="sum")  # sums: per-sample means come out exact
+        self.warmup = self.WARMUP if graphs else None  # None: never capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor] = ()
+
+    def eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = self.criterion(logits, y)
+        (loss / len(y)).backward()
+        self.optimizer.step()
+        self.sums[0] += loss.detach()
+        self.sums[1] += (logits.argmax(1) == y).sum()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.graph is not None and len(x) == self.batch_size:
+            self.static[0].copy_(x)
+            self.static[1].copy_(y)
+            self.graph.replay()
+        elif self.warmup is None or len(x) != self.batch_size:
+            self.eager(x, y)
+        elif self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.eager(x, y)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            self.static, graph = (x.clone(), y.clone()), torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph
+            with torch.cuda.graph(graph):
+                self.eager(*self.static)
+            self.graph = graph
+            graph.replay()  # capture records the step without running it
 
 
 def _eval_sums(model: nn.Module, split: DeviceSplit, criterion: nn.Module) -> torch.Tensor:
@@ -139,20 +197,23 @@ def _restore(state: dict, model: nn.Module, optimizer, scheduler, gen: torch.Gen
 
 def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig, augment, checkpoint: Path,
         on_epoch: Callable[[EpochStats], str | None] | None = None,
-        log: Callable[[str], None] | None = None, resumable: bool = False) -> FitResult:
+        log: Callable[[str], None] | None = None, resumable: bool = False, cuda_graphs: bool = True) -> FitResult:
     """Train ``model`` as the recipe's ``fit`` does; return the history with the best weights loaded.
 
     ``augment`` turns the train split into batches (see hpo.augment). ``on_epoch`` sees each
     epoch's stats and may return a reason to stop (pruning). The best epoch is saved to
     ``checkpoint`` and reloaded at the end, as the recipe does with its ``ckpt.pt``. With
     ``resumable``, the whole state is saved beside it after every epoch (``last.pt``) and a run
-    that finds one there goes on from it: a retried trial does not start from scratch.
+    that finds one there goes on from it: a retried trial does not start from scratch. On CUDA
+    each training step is a replayed CUDA graph (see TrainStep) unless ``cuda_graphs`` is False.
     """
     # -- setup: everything lives on the training device
     device = train.x.device
-    optimizer = make_optimizer(model, cfg, device)
+    graphs = cuda_graphs and device.type == "cuda"
+    optimizer = make_optimizer(model, cfg, graphs)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma) if cfg.step_size else None
-    criterion = nn.CrossEntropyLoss(reduction="sum")  # sums: per-sample means come out exact
+    sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct; one tensor the graph adds to
+    step = TrainStep(model, optimizer, sums, cfg.batch_size, graphs)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     result = FitResult(checkpoint=str(checkpoint))
     since_best, train_seconds, train_samples = 0, 0.0, 0
@@ -169,24 +230,18 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
     for epoch in range(first, cfg.epochs + 1):
         # -- train: metrics stay on the device, no .item() per batch
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])
         model.train()
-        sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct
+        sums.zero_()
         seen = 0
         for x, y in augment.batches(train, cfg.batch_size, gen):
-            logits = model(x)
-            loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / len(y)).backward()
-            optimizer.step()
-            sums[0] += loss.detach()
-            sums[1] += (logits.argmax(1) == y).sum()
+            step(x, y)
             seen += len(y)
         sync()
         t_train = time.perf_counter() - t0
 
         # -- validate
-        sums[2:] = _eval_sums(model, val, criterion)
+        sums[2:] = _eval_sums(model, val, step.criterion)
         loss_sum, correct, val_loss_sum, val_correct = sums.tolist()  # the epoch's one sync
         seconds = time.perf_counter() - t0
         stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(val),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 SMALL_DATA = """
 [data]
@@ -21,6 +22,12 @@ train_size = 600
 val_size = 200
 subset_size = 300
 """
+
+
+# Device tests run on the CPU everywhere and on CUDA where there is one (bench/gpu.sh: pytest -m cuda).
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="no CUDA device here")])
+DEVICES = ["cpu", ON_CUDA]
 
 
 @pytest.fixture(autouse=True)

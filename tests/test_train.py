@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import DEVICES, ON_CUDA
 
 from hpo.augment import make_augment
 from hpo.config import DataConfig, ModelConfig, TrainConfig
@@ -12,16 +13,19 @@ from hpo.train import TrainingDiverged, fit, load_checkpoint, resolve_device
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def splits():
-    return training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300), CPU)
+@pytest.fixture(scope="module", params=DEVICES)
+def splits(request):
+    """Every test here runs on the CPU, and again on CUDA where there is one."""
+    return training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300),
+                           torch.device(request.param))
 
 
-def run(splits, tmp_path, augment="none", model=None, resumable=False, **train):
+def run(splits, tmp_path, augment="none", model=None, resumable=False, graphs=None, **train):
+    graphs = {} if graphs is None else {"cuda_graphs": graphs}
     torch.manual_seed(0)
-    net = build_model(model or ModelConfig())
+    net = build_model(model or ModelConfig()).to(splits[0].x.device)
     result = fit(net, *splits, TrainConfig(**{"epochs": 4, **train}), make_augment(augment), tmp_path / "best.pt",
-                 resumable=resumable)
+                 resumable=resumable, **graphs)
     return net, result
 
 
@@ -30,7 +34,8 @@ def test_fit_learns_and_reports_the_recipe_metrics(splits, tmp_path):
     assert result.best_val_acc > 0.9  # synthetic classes are easy
     assert result.epochs_run == 6 and result.stop_reason == "completed"
     first, last = result.history[0], result.history[-1]
-    assert last.loss < first.loss and 0 <= last.acc <= 1 and last.lr == 1e-3 and last.seconds > 0
+    assert last.loss < first.loss and 0 <= last.acc <= 1 and last.seconds > 0
+    assert last.lr == pytest.approx(1e-3, rel=1e-6)  # a float32 tensor on CUDA
     assert result.best_val_acc == max(s.val_acc for s in result.history)
     assert result.train_samples_per_s > 0 and result.seconds >= sum(s.seconds for s in result.history) * 0.99
 
@@ -61,12 +66,12 @@ def test_early_stopping_follows_the_recipe(splits, tmp_path):
 
 def test_step_lr(splits, tmp_path):
     _, result = run(splits, tmp_path, epochs=5, step_size=2, gamma=0.1)
-    assert [s.lr for s in result.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+    assert [s.lr for s in result.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5], rel=1e-6)
 
 
 def test_best_epoch_checkpoint_is_what_the_model_ends_with(splits, tmp_path):
     net, result = run(splits, tmp_path, epochs=5, optimizer="sgd", lr=0.5)
-    state = load_checkpoint(tmp_path / "best.pt")  # weights_only=True inside
+    state = load_checkpoint(tmp_path / "best.pt", splits[0].x.device)  # weights_only=True inside
     assert state["epoch"] == result.best_epoch and state["val_acc"] == result.best_val_acc
     assert all(torch.equal(state["model"][k], v) for k, v in net.state_dict().items())
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
@@ -78,7 +83,7 @@ def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
 
     def go(folder, epochs):
         torch.manual_seed(0)
-        net = build_model(cfg["model"])
+        net = build_model(cfg["model"]).to(splits[0].x.device)
         train = TrainConfig(epochs=epochs, step_size=cfg["step_size"], gamma=cfg["gamma"])
         return fit(net, *splits, train, make_augment(cfg["augment"]), folder / "best.pt", resumable=True)
 
@@ -100,14 +105,15 @@ def test_a_run_killed_after_it_stopped_early_stays_stopped(splits, tmp_path):
 def test_on_epoch_can_stop_the_run(splits, tmp_path):
     seen = []
     torch.manual_seed(0)
-    result = fit(build_model(ModelConfig()), *splits, TrainConfig(epochs=10), make_augment("none"),
-                 tmp_path / "best.pt", on_epoch=lambda s: seen.append(s.epoch) or ("pruned" if s.epoch == 2 else None))
+    net = build_model(ModelConfig()).to(splits[0].x.device)
+    result = fit(net, *splits, TrainConfig(epochs=10), make_augment("none"), tmp_path / "best.pt",
+                 on_epoch=lambda s: seen.append(s.epoch) or ("pruned" if s.epoch == 2 else None))
     assert seen == [1, 2] and result.stop_reason == "pruned" and result.epochs_run == 2
 
 
 def test_divergence_is_an_error_not_a_result(splits, tmp_path):
     torch.manual_seed(0)
-    net = build_model(ModelConfig())
+    net = build_model(ModelConfig()).to(splits[0].x.device)
     with torch.no_grad():
         net[0].weight[0, 0] = float("inf")  # inf - inf in the logits: NaN loss
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
@@ -122,3 +128,24 @@ def test_device_names():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("device", [ON_CUDA])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_cuda_graphs_train_as_eager_steps_do(tmp_path, monkeypatch, device, optimizer):
+    """Replayed graphs must be the eager run: batch norm, augmentation, StepLR, a short last batch."""
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: replays.append(1) or replay(g))
+    splits = training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300),
+                             torch.device(device))
+    kw = dict(augment="recipe", model=ModelConfig(batch_norm=True), epochs=5, batch_size=32, step_size=2,
+              gamma=0.5, optimizer=optimizer, lr=0.01)
+    eager = run(splits, tmp_path / "eager", graphs=False, **kw)[1]
+    assert not replays
+    graphed = run(splits, tmp_path / "graphed", graphs=True, **kw)[1]
+    assert len(replays) == 5 * (300 // 32) - 3  # every full batch but the warm-up; 300 % 32 run eagerly
+    for a, b in zip(eager.history, graphed.history, strict=True):
+        assert (a.epoch, a.lr) == (b.epoch, b.lr)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.val_loss == pytest.approx(b.val_loss, rel=1e-4)
+        assert abs(a.val_acc - b.val_acc) <= 0.01
