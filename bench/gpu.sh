@@ -29,18 +29,18 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit and say how it en
   echo "== $name: exit $? after $((SECONDS - t0)) s, $SECONDS s in all"
 }
 
-step "CUDA tests" 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py
-step "(2) where a step's time goes" 45 python3 bench/steps.py "${ARGS[@]}"
-step "(a) engine" 90 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 3
-step "(c) K workers on one GPU" 110 python3 bench/workers.py "${ARGS[@]}" --trials 8
-step "(b, d) random search" 150 python3 bench/search.py "${ARGS[@]}"
+step "CUDA tests" 75 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py
+step "(2) where a step's time goes" 40 python3 bench/steps.py "${ARGS[@]}"
+step "(a) engine" 80 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 3
+step "(c) K workers on one GPU" 100 python3 bench/workers.py "${ARGS[@]}" --trials 8
+step "(b, d) random search" 140 python3 bench/search.py "${ARGS[@]}"
 # The same K = 8 under MPS, which lets the workers' kernels run side by side rather than
 # time-sliced; only while the call has time left. The daemon changes no setting of the card.
 if command -v nvidia-cuda-mps-control >/dev/null && ((SECONDS < 400)); then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
-    step "(c) K workers under MPS" 60 python3 bench/workers.py "${ARGS[@]}" --trials 8 --workers 1 8 --tag -mps
+    step "(c) K workers under MPS" 50 python3 bench/workers.py "${ARGS[@]}" --trials 8 --workers 1 8 --tag -mps
     echo quit | nvidia-cuda-mps-control
   fi
 fi
