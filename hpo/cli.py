@@ -12,7 +12,15 @@ from typing import Any
 from hpo.checks import GateFailed
 from hpo.config import ConfigError, StudyConfig, apply_overrides, load_study, parse_override, validate
 from hpo.data import DataError
-from hpo.storage import DB_TIMEOUT, DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageError, StorageUnavailable
+from hpo.storage import (
+    CHECKPOINT_EVERY,
+    DB_TIMEOUT,
+    DEFAULT_STORAGE,
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    StorageError,
+    StorageUnavailable,
+)
 from hpo.study import StudyError
 from hpo.train import TrainingDiverged
 from hpo.worker import WorkersFailed
@@ -94,8 +102,11 @@ def _options(args: argparse.Namespace):
     _positive("--grace", args.grace)
     if args.grace <= args.heartbeat:
         raise UsageError(f"--grace ({args.grace}s) must be longer than --heartbeat ({args.heartbeat}s)")
+    if not args.checkpoint_every >= 0:  # also NaN
+        raise UsageError(f"--checkpoint-every must be 0 (every epoch) or more seconds, got {args.checkpoint_every}")
     return Options(storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
-                   skip_checks=args.skip_checks, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout)
+                   skip_checks=args.skip_checks, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout,
+                   checkpoint_every=args.checkpoint_every)
 
 
 def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> int:
@@ -246,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
                         help="seconds without a heartbeat before a trial counts as dead and is retried")
     runner.add_argument("--db-timeout", type=float, default=DB_TIMEOUT,
                         help="seconds a worker keeps retrying a lost database before it exits")
+    runner.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, metavar="SECONDS",
+                        help="seconds between a trial's checkpoint writes; a retried trial redoes at most this "
+                             f"much (0: every epoch; default {CHECKPOINT_EVERY:g})")
     run = sub.add_parser("run", parents=[common, storage, runner], help="run a study: gate, then N trials")
     run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
     run.set_defaults(func=cmd_run)

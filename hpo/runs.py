@@ -26,8 +26,10 @@ from hpo.train import EpochStats, fit, load_checkpoint
 
 
 def git_revision() -> str:
-    """The checkout's commit (``+dirty`` when it has local changes); where there is no git checkout
-    (a Docker image, a copied tree), ``$HPO_GIT_REVISION``; else ``unknown``."""
+    """``$HPO_GIT_REVISION`` where set (a Docker image, a copied tree), else the checkout's commit
+    (``+dirty`` when it has local changes), else ``unknown``."""
+    if os.environ.get("HPO_GIT_REVISION"):
+        return os.environ["HPO_GIT_REVISION"]
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -35,7 +37,7 @@ def git_revision() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("HPO_GIT_REVISION", "unknown")
+        return "unknown"
     return rev + ("+dirty" if dirty else "")
 
 
@@ -69,10 +71,12 @@ def resume_history(run_dir: Path) -> list[dict]:
 
 def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData | None = None,
               on_epoch: Callable[[EpochStats], str | None] | None = None,
-              log: Callable[[str], None] | None = print, run_dir: Path | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = print, run_dir: Path | None = None,
+              save_every: float = 0.0) -> dict[str, Any]:
     """Train ``cfg`` once on ``device``; write ``config.json``, ``best.pt``, ``last.pt`` and
     ``results.json`` under a new directory in ``out`` (or ``run_dir``, going on from its
-    ``last.pt`` if it has one); return the summary (``results.json`` minus the history)."""
+    ``last.pt`` if it has one); return the summary (``results.json`` minus the history).
+    ``save_every``: seconds between checkpoint writes, see :func:`hpo.train.fit`."""
     t0 = time.perf_counter()
     data = data if data is not None else load_data(cfg.data.path)
     train, val = training_splits(data, cfg.data, device)  # bad data fails here, before any file
@@ -86,7 +90,7 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
     model = build_model(cfg.model, train.x[0].numel(), len(data.classes)).to(device)
     try:
         result = fit(model, train, val, cfg.train, make_augment(cfg.augment), run_dir / "best.pt", on_epoch, log,
-                     resumable=True)
+                     resumable=True, save_every=save_every)
     except Exception as e:  # recorded beside the config, then raised to the caller
         write_json(run_dir / "results.json", {"error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
         raise

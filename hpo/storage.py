@@ -25,6 +25,7 @@ CONNECT_TIMEOUT = 10  # seconds to reach a database server before a connection a
 
 
 DB_TIMEOUT = 300  # seconds a worker keeps retrying a lost database before it gives up
+CHECKPOINT_EVERY = 10.0  # seconds between a trial's checkpoint writes; a retry redoes at most this
 
 
 class StorageError(RuntimeError):

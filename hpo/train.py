@@ -189,7 +189,7 @@ def _restore(state: dict, model: nn.Module, optimizer, scheduler, gen: torch.Gen
     optimizer.load_state_dict(state["optimizer"])
     if scheduler:
         scheduler.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"])
+    gen.set_state(state["generator"].cpu())  # a generator's state is a CPU tensor, even a CUDA one's
     result.history = [EpochStats(**h) for h in state["history"]]
     result.best_epoch, result.best_val_acc = state["best_epoch"], state["best_val_acc"]
     return state["since_best"]
@@ -197,15 +197,18 @@ def _restore(state: dict, model: nn.Module, optimizer, scheduler, gen: torch.Gen
 
 def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig, augment, checkpoint: Path,
         on_epoch: Callable[[EpochStats], str | None] | None = None,
-        log: Callable[[str], None] | None = None, resumable: bool = False, cuda_graphs: bool = True) -> FitResult:
+        log: Callable[[str], None] | None = None, resumable: bool = False, cuda_graphs: bool = True,
+        save_every: float = 0.0) -> FitResult:
     """Train ``model`` as the recipe's ``fit`` does; return the history with the best weights loaded.
 
     ``augment`` turns the train split into batches (see hpo.augment). ``on_epoch`` sees each
     epoch's stats and may return a reason to stop (pruning). The best epoch is saved to
-    ``checkpoint`` and reloaded at the end, as the recipe does with its ``ckpt.pt``. With
-    ``resumable``, the whole state is saved beside it after every epoch (``last.pt``) and a run
-    that finds one there goes on from it: a retried trial does not start from scratch. On CUDA
-    each training step is a replayed CUDA graph (see TrainStep) unless ``cuda_graphs`` is False.
+    ``checkpoint`` and loaded at the end, as the recipe does with its ``ckpt.pt``. With
+    ``resumable``, the whole state is saved beside it (``last.pt``) and a run that finds one there
+    goes on from it: a retried trial does not start from scratch. Files are written after the
+    last epoch and, before it, at most every ``save_every`` seconds (0: every epoch): a GPU epoch
+    of the subset is shorter than writing them. On CUDA each training step is a replayed CUDA
+    graph (see TrainStep) unless ``cuda_graphs`` is False.
     """
     # -- setup: everything lives on the training device
     device = train.x.device
@@ -219,7 +222,8 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
     since_best, train_seconds, train_samples = 0, 0.0, 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     last = checkpoint.with_name("last.pt")
-    first = 1
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights not yet written
+    saved_at, first = time.perf_counter(), 1
     if resumable and last.is_file():
         since_best = _restore(load_checkpoint(last, device), model, optimizer, scheduler, gen, result)
         result.resumed_from_epoch = result.epochs_run
@@ -252,22 +256,29 @@ def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig
         if not math.isfinite(stats.loss):
             raise TrainingDiverged(f"loss is {stats.loss} at epoch {epoch} (lr {lr:g}); lower train.lr")
 
-        # -- best-epoch checkpoint, the recipe's early stopping, and the state to resume from
+        # -- the recipe's best-epoch checkpoint (a copy on the device) and early stopping
         if stats.val_acc > result.best_val_acc or result.best_epoch == 0:
             result.best_val_acc, result.best_epoch, since_best = stats.val_acc, epoch, 0
-            save_checkpoint(checkpoint, {"model": model.state_dict(), "epoch": epoch, "val_acc": stats.val_acc})
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
         if scheduler:
             scheduler.step()
-        if resumable:
-            save_checkpoint(last, _snapshot(model, optimizer, scheduler, gen, result, since_best))
         if log:
             log(f"Epoch {epoch}/{cfg.epochs} loss {stats.loss:.5f} acc {stats.acc:.5f} val_loss "
                 f"{stats.val_loss:.5f} val_acc {stats.val_acc:.5f} lr {lr:.5f} ({seconds:.1f}s)")
         reason = on_epoch(stats) if on_epoch else None
         if cfg.patience and since_best >= cfg.patience:
             reason = reason or "early_stopping"
+
+        # -- files: best.pt, then the state to resume from (it never runs ahead of best.pt)
+        if reason or epoch == cfg.epochs or time.perf_counter() - saved_at >= save_every:
+            if best_state is not None:
+                save_checkpoint(checkpoint, {"model": best_state, "epoch": result.best_epoch,
+                                             "val_acc": result.best_val_acc})
+            if resumable:
+                save_checkpoint(last, _snapshot(model, optimizer, scheduler, gen, result, since_best))
+            best_state, saved_at = None, time.perf_counter()
         if reason:
             result.stop_reason = reason
             break

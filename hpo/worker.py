@@ -26,7 +26,15 @@ from hpo.config import ConfigError, StudyConfig
 from hpo.data import ImageData, load_data
 from hpo.progress import Progress
 from hpo.runs import new_run_dir, resume_history, train_run
-from hpo.storage import DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageUnavailable, fail_stale_trials, mask
+from hpo.storage import (
+    CHECKPOINT_EVERY,
+    DB_TIMEOUT,
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    StorageUnavailable,
+    fail_stale_trials,
+    mask,
+)
 from hpo.study import COUNTED, StudyHandle, distributions, open_study, pop_waiting, set_target, top_up
 from hpo.train import TrainingDiverged, resolve_device
 
@@ -51,6 +59,9 @@ class Options:
     heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
     grace: int = GRACE_PERIOD  # a trial silent this long is failed and queued again
     db_timeout: float = DB_TIMEOUT  # a worker that cannot reach the database this long exits
+    # Seconds between a trial's checkpoint (and history) writes: a retried trial redoes at most
+    # this much. Writing every epoch costs more than a GPU epoch of the subset.
+    checkpoint_every: float = CHECKPOINT_EVERY
 
 
 @contextlib.contextmanager
@@ -100,17 +111,22 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
     run_dir = Path(trial.user_attrs.get("run_dir") or new_run_dir(Path(opts.out) / name, f"{name}-trial{trial.number}"))
     trial.set_user_attr("run_dir", str(run_dir))
     history = resume_history(run_dir)
+    written = time.perf_counter()
 
     def on_epoch(stats) -> str | None:
+        nonlocal written
         history.append(dataclasses.asdict(stats))
-        trial.set_user_attr("history", history)
-        trial.report(stats.val_acc, stats.epoch)
+        trial.report(stats.val_acc, stats.epoch)  # every epoch: the pruner compares these
+        if time.perf_counter() - written >= opts.checkpoint_every:  # the dashboard's live curves
+            trial.set_user_attr("history", history)
+            written = time.perf_counter()
         return "pruned" if trial.should_prune() else None
 
     try:
         params = suggest(trial, handle.cfg)
         cfg = handle.cfg.with_params(params)
-        result = train_run(cfg, device, run_dir.parent, data, on_epoch, log=None, run_dir=run_dir)
+        result = train_run(cfg, device, run_dir.parent, data, on_epoch, log=None, run_dir=run_dir,
+                           save_every=opts.checkpoint_every)
     except TRIAL_FAILURES as e:
         trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
@@ -124,6 +140,7 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, d
     store = optuna.artifacts.FileSystemArtifactStore(opts.artifacts)
     artifact = optuna.artifacts.upload_artifact(artifact_store=store, file_path=result["checkpoint"],
                                                 study_or_trial=trial)
+    trial.set_user_attr("history", history)
     for key in ("best_epoch", "epochs_run", "stop_reason", "seconds", "resumed_from_epoch"):
         trial.set_user_attr(key, result[key])
     trial.set_user_attr("checkpoint_artifact", artifact)
@@ -194,7 +211,8 @@ def _spawn(devices: list[str], opts: Options, worker_args: list[str], target: in
     procs = [subprocess.Popen([sys.executable, "-m", "hpo.cli", "worker", *worker_args, "--device", d,
                                "--n-trials", str(target), "--out", opts.out, "--artifacts", opts.artifacts,
                                "--heartbeat", str(opts.heartbeat), "--grace", str(opts.grace),
-                               "--db-timeout", str(opts.db_timeout), "--quiet"], env=env)
+                               "--db-timeout", str(opts.db_timeout), "--checkpoint-every", str(opts.checkpoint_every),
+                               "--quiet"], env=env)
              for d in devices]
     try:
         codes = [p.wait() for p in procs]

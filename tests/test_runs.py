@@ -35,9 +35,11 @@ def test_a_failed_run_keeps_its_error(study_file, tmp_path):
     assert "TrainingDiverged" in json.loads((run_dir / "results.json").read_text())["error"]
 
 
-def test_a_tree_without_git_takes_its_revision_from_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no git to run, as in a Docker image or a copied tree
+def test_a_copied_tree_takes_its_revision_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("HPO_GIT_REVISION", raising=False)
-    assert git_revision() == "unknown"
+    assert git_revision() != "abc123"
     monkeypatch.setenv("HPO_GIT_REVISION", "abc123")
     assert git_revision() == "abc123"
+    monkeypatch.delenv("HPO_GIT_REVISION")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git to run
+    assert git_revision() == "unknown"

@@ -152,6 +152,7 @@ def test_a_study_name_with_another_config_is_refused(study_file, tmp_path):
     (["--n-trials", "0"], "--n-trials must be a positive integer, got 0"),
     (["--n-trials", "-3"], "--n-trials must be a positive integer, got -3"),
     (["--workers", "0"], "--workers must be a positive integer"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be 0 (every epoch) or more seconds, got -1.0"),
     (["--device", "tpu"], "unknown device"),
     (["--storage", "not a url"], "not a database URL"),
 ])

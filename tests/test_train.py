@@ -96,6 +96,26 @@ def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
     assert (resumed.best_epoch, resumed.best_val_acc) == (whole.best_epoch, whole.best_val_acc)
 
 
+@pytest.mark.parametrize("save_every, on_disk_at_epoch_3", [(0.0, 2), (1e9, None)])
+def test_checkpoints_are_written_every_save_every_seconds_and_at_the_end(splits, tmp_path, save_every,
+                                                                         on_disk_at_epoch_3):
+    seen = {}
+
+    def on_epoch(stats):  # runs before the epoch's own files are written
+        if stats.epoch == 3:
+            last = tmp_path / "last.pt"
+            seen["last"] = len(load_checkpoint(last)["history"]) if last.is_file() else None
+            seen["best"] = (tmp_path / "best.pt").is_file()
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig()).to(splits[0].x.device)
+    result = fit(net, *splits, TrainConfig(epochs=5), make_augment("none"), tmp_path / "best.pt", on_epoch=on_epoch,
+                 resumable=True, save_every=save_every)
+    assert seen == {"last": on_disk_at_epoch_3, "best": on_disk_at_epoch_3 is not None}
+    assert len(load_checkpoint(tmp_path / "last.pt")["history"]) == 5  # the end is always written
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == result.best_epoch
+
+
 def test_a_run_killed_after_it_stopped_early_stays_stopped(splits, tmp_path):
     stopped = run(splits, tmp_path, lr=0.0, epochs=50, patience=3, resumable=True)[1]
     again = run(splits, tmp_path, lr=0.0, epochs=50, patience=3, resumable=True)[1]
@@ -146,6 +166,6 @@ def test_cuda_graphs_train_as_eager_steps_do(tmp_path, monkeypatch, device, opti
     graphed = run(splits, tmp_path / "graphed", graphs=True, **kw)[1]
     assert len(replays) == 5 * (300 // 32) - 3  # every full batch but the warm-up; 300 % 32 run eagerly
     for a, b in zip(eager.history, graphed.history, strict=True):
-        assert (a.epoch, a.lr) == (b.epoch, b.lr)
+        assert a.epoch == b.epoch and a.lr == pytest.approx(b.lr, rel=1e-6)  # the graphs' lr is a float32 tensor
         assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.val_loss == pytest.approx(b.val_loss, rel=1e-4)
         assert abs(a.val_acc - b.val_acc) <= 0.01

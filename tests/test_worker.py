@@ -27,7 +27,7 @@ batch_size = 16
 def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, storage_url, tmp_path):
     path = study_file(LONG, data=FULL_DATA)
     common = [str(path), "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", str(tmp_path / "r"),
-              "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3"]
+              "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3", "--checkpoint-every", "0"]
     victim = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *common], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     deadline, killed = time.time() + 120, None
