@@ -6,8 +6,8 @@
 #   python bench/gpu_data.py --data ../shared/data/cifar10-jpeg --out .gpu-data   # 15k images, 44 MiB
 # Then the device tool: command "bash bench/gpu.sh", carry [".whl", ".gpu-data"], timeout_s 560.
 # It writes $OUT/gpu.log and $OUT/gpu-results.tgz; unpack that into bench/results and commit.
-# Each step has a time limit, so one that hangs cannot eat the others; all of them fit in 9 min,
-# and take about 7 on an H200.
+# Each step has a time limit, so one that hangs cannot eat the others; all of them fit in 10 min,
+# and take about 7 on an H200 (two calls: STEPS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -33,18 +33,18 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, say how it ended
 
 # STEPS (default: all) picks some, e.g. STEPS="tests workers search mps" to redo those.
 want() { [[ " ${STEPS:-tests steps engine workers search mps} " == *" $1 "* ]]; }
-want tests && step "CUDA tests" 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py
+want tests && step "CUDA tests" 50 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py
 want steps && step "(2) where a step's time goes" 40 python3 bench/steps.py "${ARGS[@]}"
 want engine && step "(a) engine" 80 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 3
+want search && step "(b, d) random search" 250 python3 bench/search.py "${ARGS[@]}"
 want workers && step "(c) K workers on one GPU" 90 python3 bench/workers.py "${ARGS[@]}" --trials 8
-want search && step "(b, d) random search" 220 python3 bench/search.py "${ARGS[@]}"
 # K = 8 again under MPS, which runs the workers' kernels side by side instead of time-slicing the
 # GPU between them; only while the call has time left. The daemon changes no setting of the card.
-if want mps && command -v nvidia-cuda-mps-control >/dev/null && ((SECONDS < 330)); then
+if want mps && command -v nvidia-cuda-mps-control >/dev/null && ((SECONDS < 390)); then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
-    step "(c) K workers under MPS" 45 python3 bench/workers.py "${ARGS[@]}" --trials 8 --workers 8 --tag=-mps
+    step "(c) K workers under MPS" 40 python3 bench/workers.py "${ARGS[@]}" --trials 8 --workers 8 --tag=-mps
     echo quit | nvidia-cuda-mps-control
   fi
 fi
