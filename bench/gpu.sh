@@ -37,14 +37,14 @@ want tests && step "CUDA tests" 50 python3 -m pytest -q -p no:cacheprovider -m c
 want steps && step "(2) where a step's time goes" 40 python3 bench/steps.py "${ARGS[@]}"
 want engine && step "(a) engine" 80 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 3
 want search && step "(b, d) random search" 250 python3 bench/search.py "${ARGS[@]}"
-want workers && step "(c) K workers on one GPU" 90 python3 bench/workers.py "${ARGS[@]}" --trials 8
+want workers && step "(c) K workers on one GPU" 130 python3 bench/workers.py "${ARGS[@]}" --trials 16
 # K = 8 again under MPS, which runs the workers' kernels side by side instead of time-slicing the
 # GPU between them; only while the call has time left. The daemon changes no setting of the card.
-if want mps && command -v nvidia-cuda-mps-control >/dev/null && ((SECONDS < 390)); then
+if want mps && command -v nvidia-cuda-mps-control >/dev/null && ((SECONDS < 420)); then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
-    step "(c) K workers under MPS" 40 python3 bench/workers.py "${ARGS[@]}" --trials 8 --workers 8 --tag=-mps
+    step "(c) K workers under MPS" 40 python3 bench/workers.py "${ARGS[@]}" --trials 16 --workers 8 --tag=-mps
     echo quit | nvidia-cuda-mps-control
   fi
 fi

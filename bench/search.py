@@ -49,11 +49,21 @@ def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str, params: dict, 
     wall = time.perf_counter() - t0
     done = open_study(cfg, opts.storage, create=False).trials((TrialState.COMPLETE, TrialState.PRUNED))
     span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    # Steady state: once every worker has finished its first trial (start-up, CUDA and cuBLAS
+    # warm-up go there), the rate of the trials that end after that.
+    firsts: dict[str, object] = {}
+    for t in done:
+        firsts[t.user_attrs["worker"]] = min(firsts.get(t.user_attrs["worker"], t.datetime_complete),
+                                             t.datetime_complete)
+    warm = max(firsts.values())
+    later = [t for t in done if t.datetime_complete > warm]
+    steady = (len(later) / (max(t.datetime_complete for t in later) - warm).total_seconds() * 3600) if later else None
     trial_s = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
     return {"wall_s": round(wall, 1), "epochs": sum(t.user_attrs["epochs_run"] for t in done),
             "best_val_acc": max(t.value for t in done if t.state == TrialState.COMPLETE),
             "trials": len(done), "span_s": round(span.total_seconds(), 2),  # first trial's start to last one's end
             "trial_s": round(trial_s, 2), "fit_s": round(sum(t.user_attrs["seconds"] for t in done), 2),
+            "steady_trials_per_hour": round(steady) if steady else None,
             "params": [t.params for t in sorted(done, key=lambda t: t.number)]}
 
 

@@ -26,6 +26,9 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what "N finished trials" c
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)  # what a top-up fills up to N
 TARGET_ATTR, CONFIG_ATTR, HASH_ATTR, DRAW_ATTR = "hpo:n_trials", "hpo:config", "hpo:config_hash", "hpo:draw"
 POP_SPREAD = 8  # how many of the first WAITING trials a worker picks among
+# WAITING slots queued ahead at most. Every pop re-reads all unfinished trials (Optuna's trial
+# cache), so queueing all N up front made each pop cost O(N); workers top up as they drain it.
+QUEUE_AHEAD = 2 * POP_SPREAD
 
 
 class StudyError(RuntimeError):
@@ -85,6 +88,7 @@ class StudyHandle:
     study: optuna.Study
     storage: optuna.storages.RDBStorage
     cfg: StudyConfig
+    study_id: int  # the storage's id of the study, asked once rather than at every pop
 
     @property
     def target(self) -> int:
@@ -145,7 +149,7 @@ def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int 
         raise StudyError(f"study {name!r} already exists with a different search space or config "
                          f"({stored} here, {fingerprint} now); set another [study] name, e.g. "
                          f"--param study.name={name}-2, rather than mix their results")
-    return StudyHandle(study, storage, cfg)
+    return StudyHandle(study, storage, cfg, storage.get_study_id_from_name(name))
 
 
 def set_target(handle: StudyHandle, n_trials: int) -> None:
@@ -156,13 +160,15 @@ def set_target(handle: StudyHandle, n_trials: int) -> None:
 
 
 def top_up(handle: StudyHandle) -> int:
-    """Queue WAITING slots until the study holds N live trials; returns how many were queued."""
+    """Queue WAITING slots, at most QUEUE_AHEAD, while the study holds fewer than N live trials;
+    returns how many were queued."""
     with study_lock(handle.storage, handle.cfg.study.name):
         trials = handle.trials()
         missing = handle.target - sum(t.state in LIVE for t in trials)
+        room = QUEUE_AHEAD - sum(t.state == TrialState.WAITING for t in trials)
         drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
         queued = 0
-        for index in range(drawn, drawn + max(missing, 0)):
+        for index in range(drawn, drawn + max(min(missing, room), 0)):
             params = draw(handle.cfg, index)
             if params is None:  # the grid is used up
                 break
@@ -174,14 +180,13 @@ def top_up(handle: StudyHandle) -> int:
 def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:
     """Take one WAITING trial, atomically (the storage flips WAITING to RUNNING under a row lock)."""
     storage = handle.storage
-    study_id = storage.get_study_id_from_name(handle.cfg.study.name)
     # Listed through the study, so that its trial cache learns trials queued by other processes.
     # Workers start at different places among the first few, rather than all race for the first.
     waiting = handle.trials((TrialState.WAITING,))
     head = waiting[:POP_SPREAD]
     random.shuffle(head)
     for trial in head + waiting[POP_SPREAD:]:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        trial_id = trial._trial_id  # Optuna's own key of a listed trial; asking the storage is a round trip
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                 return optuna.trial.Trial(handle.study, trial_id), trial_id
