@@ -109,10 +109,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, graphs: bool = False) -> 
 class TrainStep:
     """One optimizer step on a batch, adding its summed loss and correct count to ``sums``.
 
-    At the recipe's batch sizes the step's ~30 small kernels cost less than launching them. With
-    ``graphs`` (CUDA only) the step is captured once as a CUDA graph and then replayed: one launch
-    a batch. The first steps run eagerly on a side stream, as capture requires (they create the
-    optimizer state); batches of another size, an epoch's last, run eagerly too.
+    At the recipe's batch sizes the step's ~44 small kernels run in less time than launching them
+    takes (bs 32 on an H200: 0.17 ms of GPU work, 1.35 ms eager). With ``graphs`` (CUDA only) the
+    step is captured once as a CUDA graph and then replayed: one launch a batch. The first steps
+    run eagerly on a side stream, as capture requires (they create the optimizer state); batches
+    of another size, an epoch's last, run eagerly too.
     """
 
     WARMUP = 3
