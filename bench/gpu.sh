@@ -33,7 +33,8 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, say how it ended
 
 # STEPS (default: all) picks some, e.g. STEPS="tests workers search mps" to redo those.
 want() { [[ " ${STEPS:-tests steps engine workers search mps} " == *" $1 "* ]]; }
-want tests && step "CUDA tests" 50 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py
+want tests && step "CUDA tests" 50 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py \
+  tests/test_checks.py
 want steps && step "(2) where a step's time goes" 40 python3 bench/steps.py "${ARGS[@]}"
 want engine && step "(a) engine" 80 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 3
 want search && step "(b, d) random search" 250 python3 bench/search.py "${ARGS[@]}"

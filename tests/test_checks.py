@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 from hpo.checks import GateFailed, config_hash, gate, run_checks
@@ -34,8 +35,9 @@ def failed(report) -> set[str]:
     return {c.name for c in report.checks if not c.passed}
 
 
-def test_the_sound_pipeline_passes(cfg, data):
-    report = run_checks(cfg, data, CPU)
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_sound_pipeline_passes(cfg, data, device):
+    report = run_checks(cfg, data, torch.device(device))
     assert report.passed, report.to_dict()
     by_name = {c.name: c for c in report.checks}
     assert list(by_name) == ["data", "output_shape", "loss_at_init", "fit_one_sample", "fit_one_batch",
@@ -62,14 +64,16 @@ def test_labels_shuffled_apart_from_images(cfg, data):
     assert failed(run_checks(cfg, shuffled, CPU)) >= {"input_independent_baseline"}
 
 
-def test_frozen_parameters(cfg, data):
-    report = run_checks(cfg, data, CPU, model_fn=lambda: build_model(cfg.model).requires_grad_(False))
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_parameters(cfg, data, device):
+    report = run_checks(cfg, data, torch.device(device), model_fn=lambda: build_model(cfg.model).requires_grad_(False))
     assert {"fit_one_sample", "fit_one_batch"} <= failed(report)
 
 
-def test_learning_rate_zero(cfg, data):
+@pytest.mark.parametrize("device", DEVICES)
+def test_learning_rate_zero(cfg, data, device):
     zero_lr = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.0))
-    assert {"fit_one_sample", "fit_one_batch"} <= failed(run_checks(zero_lr, data, CPU))
+    assert {"fit_one_sample", "fit_one_batch"} <= failed(run_checks(zero_lr, data, torch.device(device)))
 
 
 def test_zeroed_inputs(cfg, data):
