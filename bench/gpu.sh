@@ -7,7 +7,7 @@
 # Then the device tool: command "bash bench/gpu.sh", carry [".whl", ".gpu-data"], timeout_s 560.
 # It writes $OUT/gpu.log and $OUT/gpu-results.tgz; unpack that into bench/results and commit.
 # Each step has a time limit, so one that hangs cannot eat the others; all of them fit in 10 min,
-# and take about 7 on an H200 (two calls: STEPS).
+# and take about 7.5 on an H200 (measured in two calls: STEPS).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -36,7 +36,7 @@ want() { [[ " ${STEPS:-tests steps engine workers search mps} " == *" $1 "* ]]; 
 want tests && step "CUDA tests" 50 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py \
   tests/test_checks.py
 want steps && step "(2) where a step's time goes" 40 python3 bench/steps.py "${ARGS[@]}"
-want engine && step "(a) engine" 80 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 3
+want engine && step "(a) engine" 80 python3 bench/engine.py "${ARGS[@]}" --epochs 5 --repeats 2
 want search && step "(b, d) random search" 250 python3 bench/search.py "${ARGS[@]}"
 want workers && step "(c) K workers on one GPU" 130 python3 bench/workers.py "${ARGS[@]}" --trials 16
 # K = 8 again under MPS, which runs the workers' kernels side by side instead of time-slicing the
