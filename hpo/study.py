@@ -88,7 +88,6 @@ class StudyHandle:
     study: optuna.Study
     storage: optuna.storages.RDBStorage
     cfg: StudyConfig
-    study_id: int  # the storage's id of the study, asked once rather than at every pop
 
     @property
     def target(self) -> int:
@@ -149,7 +148,7 @@ def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int 
         raise StudyError(f"study {name!r} already exists with a different search space or config "
                          f"({stored} here, {fingerprint} now); set another [study] name, e.g. "
                          f"--param study.name={name}-2, rather than mix their results")
-    return StudyHandle(study, storage, cfg, storage.get_study_id_from_name(name))
+    return StudyHandle(study, storage, cfg)
 
 
 def set_target(handle: StudyHandle, n_trials: int) -> None:
