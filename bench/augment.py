@@ -9,7 +9,6 @@ Writes bench/results/augment-<device>.md and .json, naming the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import machine  # noqa: E402
+from engine import machine, write_results  # noqa: E402
 
 from hpo import build_model, fit, load_data, make_augment, recipe_pipeline, resolve_device  # noqa: E402
 from hpo.augment import recipe_on_device  # noqa: E402
@@ -79,13 +78,9 @@ def main() -> None:
             "training step consumes (bs 64, batch norm)": step}
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
               "git_revision": git_revision(), "numpy": np.__version__}
-    lines = [f"# Augmentation throughput ({header['machine']})", "", *(f"- {k}: {v}" for k, v in header.items()), "",
-             "| path | images/s |", "|---|---|", *(f"| {k} | {v:,.0f} |" for k, v in rows.items())]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"augment-{device.type}.md").write_text("\n".join(lines) + "\n")
-    (out / f"augment-{device.type}.json").write_text(json.dumps({**header, "images_per_s": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    body = ["| path | images/s |", "|---|---|", *(f"| {k} | {v:,.0f} |" for k, v in rows.items())]
+    write_results(Path(args.out), f"augment-{device.type}", "Augmentation throughput", header, body,
+                  {"images_per_s": rows})
 
 
 if __name__ == "__main__":

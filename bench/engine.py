@@ -51,6 +51,16 @@ def data_config(params: list[str]) -> DataConfig:
     return load_study(STUDY, dict(parse_override(p) for p in params)).data
 
 
+def write_results(out: Path, stem: str, title: str, header: dict, body: list[str], record: dict) -> None:
+    """``out/<stem>.md`` (the title with the machine, the header as a list, then ``body``) and
+    ``out/<stem>.json`` (the header and ``record``); the markdown is printed too."""
+    lines = [f"# {title} ({header['machine']})", "", *(f"- {k}: {v}" for k, v in header.items()), "", *body]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({**header, **record}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", default="cifar10")
     ap.add_argument("--device", default="auto")
@@ -106,18 +116,12 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "epochs": args.epochs, "repeats": args.repeats,
               "data": args.data, "params": args.param, "git_revision": git_revision(),
               "python": platform.python_version()}
-    lines = [f"# Engine throughput: hpo vs the recipe's loop ({header['machine']})", "",
-             *(f"- {k}: {v}" for k, v in header.items()), "",
-             "| setting | loop | train samples/s | speedup vs recipe (median) | per repeat | best val acc |",
-             "|---|---|---|---|---|---|",
-             *(f"| {r['setting']} | {r['loop']} | {r['samples_per_s']} | {r['speedup']}x | "
-               f"{', '.join(map(str, r['speedups_per_repeat']))} | {r['best_val_acc']} |" for r in rows)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"engine-{device.type}"
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    body = ["| setting | loop | train samples/s | speedup vs recipe (median) | per repeat | best val acc |",
+            "|---|---|---|---|---|---|",
+            *(f"| {r['setting']} | {r['loop']} | {r['samples_per_s']} | {r['speedup']}x | "
+              f"{', '.join(map(str, r['speedups_per_repeat']))} | {r['best_val_acc']} |" for r in rows)]
+    write_results(Path(args.out), f"engine-{device.type}", "Engine throughput: hpo vs the recipe's loop", header,
+                  body, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Writes bench/results/search-<device>.md and .json, naming the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from optuna.trial import TrialState
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import recipe_loop  # noqa: E402
-from engine import add_common_args, machine  # noqa: E402
+from engine import add_common_args, machine, write_results  # noqa: E402
 
 from hpo import Options, load_data, load_study, open_study, recipe_pipeline, resolve_device, run_study  # noqa: E402
 from hpo.config import parse_override  # noqa: E402
@@ -107,17 +106,12 @@ def main() -> None:
               "epochs_per_trial": base.train.epochs, "data": args.data, "params": args.param,
               "git_revision": git_revision()}
     recipe_wall = rows["recipe loop, sequential"]["wall_s"]
-    lines = [f"# The recipe's random search ({header['machine']})", "", *(f"- {k}: {v}" for k, v in header.items()),
-             "", "Same seeded (lr, batch size) draws in every row; gate skipped (it adds about 5 s once).", "",
-             "| run | wall s | epochs | share of epochs | best val acc | speed vs recipe |",
-             "|---|---|---|---|---|---|",
-             *(f"| {k} | {r['wall_s']} | {r['epochs']} | {r['epochs'] / full['epochs']:.0%} | "
-               f"{r['best_val_acc']:.4f} | {recipe_wall / r['wall_s']:.2f}x |" for k, r in rows.items())]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"search-{device.type}.md").write_text("\n".join(lines) + "\n")
-    (out / f"search-{device.type}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    body = ["Same seeded (lr, batch size) draws in every row; gate skipped (it adds about 5 s once).", "",
+            "| run | wall s | epochs | share of epochs | best val acc | speed vs recipe |",
+            "|---|---|---|---|---|---|",
+            *(f"| {k} | {r['wall_s']} | {r['epochs']} | {r['epochs'] / full['epochs']:.0%} | "
+              f"{r['best_val_acc']:.4f} | {recipe_wall / r['wall_s']:.2f}x |" for k, r in rows.items())]
+    write_results(Path(args.out), f"search-{device.type}", "The recipe's random search", header, body, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine import add_common_args, data_config, machine  # noqa: E402
+from engine import add_common_args, data_config, machine, write_results  # noqa: E402
 
 from hpo import build_model, load_data, make_augment, resolve_device  # noqa: E402
 from hpo.config import ModelConfig, TrainConfig  # noqa: E402
@@ -115,18 +115,14 @@ def main() -> None:
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
               "batch_size": args.batch_size, "steps_per_epoch": math.ceil(len(train) / args.batch_size),
               "data": args.data, "params": args.param, "git_revision": git_revision()}
-    lines = [f"# Where a training step's time goes ({header['machine']})", "",
-             *(f"- {k}: {v}" for k, v in header.items()), "",
-             "| steps | wall us/step | samples/s | kernels/step | GPU-busy us/step | floor: replays alone us/step | "
-             "floor: replays + input copies us/step |", "|---|---|---|---|---|---|---|",
-             *(f"| {k} | {r['wall_us_per_step']} | {r['samples_per_s']} | {r['kernels_per_step']} | "
-               f"{r['gpu_busy_us_per_step']} | {r.get('floor_replay_only_us_per_step', '-')} | "
-               f"{r.get('floor_replay_with_copies_us_per_step', '-')} |" for k, r in rows.items()),
-             "", "Top kernels, us per step:", "",
-             *(f"- {k}: {json.dumps(r['top_kernels_us_per_step'])}" for k, r in rows.items())]
-    (out / f"steps-{device.type}.md").write_text("\n".join(lines) + "\n")
-    (out / f"steps-{device.type}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    body = ["| steps | wall us/step | samples/s | kernels/step | GPU-busy us/step | floor: replays alone us/step | "
+            "floor: replays + input copies us/step |", "|---|---|---|---|---|---|---|",
+            *(f"| {k} | {r['wall_us_per_step']} | {r['samples_per_s']} | {r['kernels_per_step']} | "
+              f"{r['gpu_busy_us_per_step']} | {r.get('floor_replay_only_us_per_step', '-')} | "
+              f"{r.get('floor_replay_with_copies_us_per_step', '-')} |" for k, r in rows.items()),
+            "", "Top kernels, us per step:", "",
+            *(f"- {k}: {json.dumps(r['top_kernels_us_per_step'])}" for k, r in rows.items())]
+    write_results(out, f"steps-{device.type}", "Where a training step's time goes", header, body, {"rows": rows})
 
 
 if __name__ == "__main__":

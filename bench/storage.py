@@ -81,7 +81,7 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     import torch
-    from engine import machine
+    from engine import machine, write_results
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,18 +101,14 @@ def main() -> None:
                 with psycopg.connect(args.postgres, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     header = {"machine": machine(torch.device("cpu")), "workers": args.workers, "trials": args.trials}
-    lines = [f"# Storage overhead per trial ({header['machine']})", "",
-             f"{args.trials} trials of a trivial objective (no training) per row. ms per trial: the workers' busy",
-             "time over the trials (with several workers on 2 cores it includes waiting for a core); trials/s:",
-             "the whole study's rate.", "",
-             "| storage | complete | other states | distinct numbers | ms per trial (worker time) | trials/s |",
-             "|---|---|---|---|---|---|",
-             *(f"| {k} | {r['complete']} | {r['other_states']} | {r['distinct_numbers']} | {r['ms_per_trial']} | "
-               f"{r['trials_per_s']} |" for k, r in rows.items())]
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "storage.md").write_text("\n".join(lines) + "\n")
-    (HERE / "results" / "storage.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    body = [f"{args.trials} trials of a trivial objective (no training) per row. ms per trial: the workers' busy",
+            "time over the trials (with several workers on 2 cores it includes waiting for a core); trials/s:",
+            "the whole study's rate.", "",
+            "| storage | complete | other states | distinct numbers | ms per trial (worker time) | trials/s |",
+            "|---|---|---|---|---|---|",
+            *(f"| {k} | {r['complete']} | {r['other_states']} | {r['distinct_numbers']} | {r['ms_per_trial']} | "
+              f"{r['trials_per_s']} |" for k, r in rows.items())]
+    write_results(HERE / "results", "storage", "Storage overhead per trial", header, body, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Writes bench/results/workers-<device><tag>.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine import add_common_args, machine  # noqa: E402
+from engine import add_common_args, machine, write_results  # noqa: E402
 from search import STUDY, hpo_study  # noqa: E402
 
 from hpo import load_study, resolve_device  # noqa: E402
@@ -54,21 +53,15 @@ def main() -> None:
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "trials": args.trials,
               "epochs_per_trial": cfg.train.epochs, "data": args.data, "params": args.param, "tag": args.tag,
               "git_revision": git_revision()}
-    lines = [f"# Trials per hour, K workers on one device ({header['machine']}{args.tag})", "",
-             *(f"- {k}: {v}" for k, v in header.items()), "",
-             "| workers | wall s (start-up incl.) | steady trials/hour | vs first row | trials/hour, first start to "
-             "last end | trials/hour with start-up | mean trial s | fit share of trial time | best val acc |",
-             "|---|---|---|---|---|---|---|---|---|",
-             *(f"| {k} | {r['wall_s']} | {r['steady_trials_per_hour']} | "
-               f"{(r['steady_trials_per_hour'] or 0) / (one['steady_trials_per_hour'] or 1):.2f}x | "
-               f"{r['trials_per_hour']} | {r['trials_per_hour_with_startup']} | {r['trial_s'] / r['trials']:.2f} | "
-               f"{r['fit_s'] / r['trial_s']:.0%} | {r['best_val_acc']:.4f} |" for k, r in rows.items())]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"workers-{device.type}{args.tag}.md").write_text("\n".join(lines) + "\n")
-    (out / f"workers-{device.type}{args.tag}.json").write_text(
-        json.dumps({**header, "rows": {str(k): r for k, r in rows.items()}}, indent=2) + "\n")
-    print("\n".join(lines))
+    body = ["| workers | wall s (start-up incl.) | steady trials/hour | vs first row | trials/hour, first start to "
+            "last end | trials/hour with start-up | mean trial s | fit share of trial time | best val acc |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *(f"| {k} | {r['wall_s']} | {r['steady_trials_per_hour']} | "
+              f"{(r['steady_trials_per_hour'] or 0) / (one['steady_trials_per_hour'] or 1):.2f}x | "
+              f"{r['trials_per_hour']} | {r['trials_per_hour_with_startup']} | {r['trial_s'] / r['trials']:.2f} | "
+              f"{r['fit_s'] / r['trial_s']:.0%} | {r['best_val_acc']:.4f} |" for k, r in rows.items())]
+    write_results(Path(args.out), f"workers-{device.type}{args.tag}", "Trials per hour, K workers on one device",
+                  header, body, {"rows": {str(k): r for k, r in rows.items()}})
 
 
 if __name__ == "__main__":
