@@ -22,6 +22,7 @@ train_size = 600
 val_size = 200
 subset_size = 300
 """
+FULL_DATA = SMALL_DATA + 'train_on = "full"\n'  # 600 training images
 
 
 # Device tests run on the CPU everywhere and on CUDA where there is one (bench/gpu.sh: pytest -m cuda).

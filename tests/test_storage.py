@@ -7,12 +7,10 @@ import time
 
 import optuna
 import pytest
-from conftest import SMALL_DATA, hpo_cli
+from conftest import FULL_DATA, hpo_cli
 from optuna.trial import TrialState
 
 from hpo.storage import mask
-
-FULL_DATA = SMALL_DATA + 'train_on = "full"\n'  # 600 training images
 
 TRIALS = """augment = "none"
 [study]

@@ -7,10 +7,8 @@ import sys
 import time
 
 import optuna
-from conftest import SMALL_DATA, hpo_cli
+from conftest import FULL_DATA, hpo_cli
 from optuna.trial import TrialState
-
-FULL_DATA = SMALL_DATA + 'train_on = "full"\n'  # 600 training images
 
 # Trials of about 2 s (600 images, batch 16, 60 epochs); heartbeats every second, dead after 3.
 LONG = """augment = "none"
