@@ -31,13 +31,14 @@ def via(proxy, url: str, password: str = "") -> str:
 
 def start_run(study_file, url: str, tmp_path, *extra) -> subprocess.Popen:
     args = ["run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--skip-checks",
-            "--out", tmp_path / "r", "--artifacts", tmp_path / "a", *extra]
+            "--out", tmp_path / "r", "--artifacts", tmp_path / "a", "--checkpoint-every", "0", *extra]
     return subprocess.Popen([sys.executable, "-m", "hpo.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_epochs(proc: subprocess.Popen, url: str, epochs: int) -> None:
-    """Until some trial of the study has ``epochs`` epochs behind it (read past the proxy)."""
+    """Until some trial of the study has ``epochs`` epochs behind it (read past the proxy); the history is
+    written every epoch (``--checkpoint-every 0``), so this is mid-trial, not at a trial's end."""
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)

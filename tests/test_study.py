@@ -117,20 +117,25 @@ epochs = 1
     assert all(t.params == {"data.subset_size": 700} for t in failed)
 
 
+def _mid_training(url: str) -> bool:
+    try:
+        return any(t.state == TrialState.RUNNING and t.user_attrs.get("history") for t in trials(url))
+    except KeyError:  # the study is not created yet
+        return False
+
+
 def test_ctrl_c_fails_the_running_trial(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     path = study_file("[study]\nn_trials = 3\n[train]\nepochs = 400\n[search]\n'train.lr' = [0.001]")
+    # --checkpoint-every 0 writes the history every epoch, so a RUNNING trial with a history is one mid-training
+    # (at the default 10 s cadence a fast machine could finish all three before any history shows).
     proc = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", str(path), "--storage", url, "--device", "cpu",
-                             "--skip-checks", "--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--skip-checks", "--checkpoint-every", "0", "--out", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while not _mid_training(url):
+        assert time.time() < deadline and proc.poll() is None, "no trial was seen mid-training"
         time.sleep(0.5)
-        try:
-            if any(t.state == TrialState.RUNNING and t.user_attrs.get("history") for t in trials(url)):
-                break
-        except KeyError:  # the study is not created yet
-            continue
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
