@@ -24,7 +24,6 @@ from hpo import build_model, fit, load_data, make_augment, recipe_pipeline, reso
 from hpo.augment import recipe_on_device  # noqa: E402
 from hpo.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from hpo.data import make_splits, to_device  # noqa: E402
-from hpo.runs import git_revision  # noqa: E402
 
 
 def rate(fn, n_images: int, repeats: int = 3) -> float:
@@ -76,8 +75,7 @@ def main() -> None:
             "albumentations per image, 2 worker processes (augment = file)": in_workers,
             "batched on the device (augment = \"recipe\")": on_device,
             "training step consumes (bs 64, batch norm)": step}
-    header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-              "git_revision": git_revision(), "numpy": np.__version__}
+    header = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "numpy": np.__version__}
     body = ["| path | images/s |", "|---|---|", *(f"| {k} | {v:,.0f} |" for k, v in rows.items())]
     write_results(Path(args.out), f"augment-{device.type}", "Augmentation throughput", header, body,
                   {"images_per_s": rows})

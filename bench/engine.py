@@ -53,7 +53,9 @@ def data_config(params: list[str]) -> DataConfig:
 
 def write_results(out: Path, stem: str, title: str, header: dict, body: list[str], record: dict) -> None:
     """``out/<stem>.md`` (the title with the machine, the header as a list, then ``body``) and
-    ``out/<stem>.json`` (the header and ``record``); the markdown is printed too."""
+    ``out/<stem>.json`` (the header and ``record``); the markdown is printed too. The header gains
+    the git revision, so every result says what code made it."""
+    header = {**header, "git_revision": git_revision()}
     lines = [f"# {title} ({header['machine']})", "", *(f"- {k}: {v}" for k, v in header.items()), "", *body]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -114,7 +116,7 @@ def main() -> None:
 
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "epochs": args.epochs, "repeats": args.repeats,
-              "data": args.data, "params": args.param, "git_revision": git_revision(),
+              "data": args.data, "params": args.param,
               "python": platform.python_version()}
     body = ["| setting | loop | train samples/s | speedup vs recipe (median) | per repeat | best val acc |",
             "|---|---|---|---|---|---|",

@@ -28,7 +28,6 @@ from engine import add_common_args, machine, write_results  # noqa: E402
 from hpo import Options, load_data, load_study, open_study, recipe_pipeline, resolve_device, run_study  # noqa: E402
 from hpo.config import parse_override  # noqa: E402
 from hpo.data import make_splits  # noqa: E402
-from hpo.runs import git_revision  # noqa: E402
 from hpo.study import draw  # noqa: E402
 
 STUDY = HERE.parent / "studies" / "recipe-random-search.toml"
@@ -103,8 +102,7 @@ def main() -> None:
         rows["hpo, early stopping + median pruner"] = hpo_study(median, str(device), args.trials, tmp, "d2", params)
     full = rows["hpo, no early stopping"]
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "trials": args.trials,
-              "epochs_per_trial": base.train.epochs, "data": args.data, "params": args.param,
-              "git_revision": git_revision()}
+              "epochs_per_trial": base.train.epochs, "data": args.data, "params": args.param}
     recipe_wall = rows["recipe loop, sequential"]["wall_s"]
     body = ["Same seeded (lr, batch size) draws in every row; gate skipped (it adds about 5 s once).", "",
             "| run | wall s | epochs | share of epochs | best val acc | speed vs recipe |",

@@ -31,7 +31,6 @@ from engine import add_common_args, data_config, machine, write_results  # noqa:
 from hpo import build_model, load_data, make_augment, resolve_device  # noqa: E402
 from hpo.config import ModelConfig, TrainConfig  # noqa: E402
 from hpo.data import make_splits, to_device  # noqa: E402
-from hpo.runs import git_revision  # noqa: E402
 from hpo.train import TrainStep, make_optimizer  # noqa: E402
 
 TRACE_STEPS = 20
@@ -114,7 +113,7 @@ def main() -> None:
         print(name, rows[name], flush=True)
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
               "batch_size": args.batch_size, "steps_per_epoch": math.ceil(len(train) / args.batch_size),
-              "data": args.data, "params": args.param, "git_revision": git_revision()}
+              "data": args.data, "params": args.param}
     body = ["| steps | wall us/step | samples/s | kernels/step | GPU-busy us/step | floor: replays alone us/step | "
             "floor: replays + input copies us/step |", "|---|---|---|---|---|---|---|",
             *(f"| {k} | {r['wall_us_per_step']} | {r['samples_per_s']} | {r['kernels_per_step']} | "

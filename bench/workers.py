@@ -28,7 +28,6 @@ from search import STUDY, hpo_study  # noqa: E402
 
 from hpo import load_study, resolve_device  # noqa: E402
 from hpo.config import parse_override  # noqa: E402
-from hpo.runs import git_revision  # noqa: E402
 
 
 def main() -> None:
@@ -51,8 +50,7 @@ def main() -> None:
             print(k, {key: v for key, v in r.items() if key != "params"}, flush=True)
     one = rows[args.workers[0]]
     header = {"machine": machine(device), "device": str(device), "torch": torch.__version__, "trials": args.trials,
-              "epochs_per_trial": cfg.train.epochs, "data": args.data, "params": args.param, "tag": args.tag,
-              "git_revision": git_revision()}
+              "epochs_per_trial": cfg.train.epochs, "data": args.data, "params": args.param, "tag": args.tag}
     body = ["| workers | wall s (start-up incl.) | steady trials/hour | vs first row | trials/hour, first start to "
             "last end | trials/hour with start-up | mean trial s | fit share of trial time | best val acc |",
             "|---|---|---|---|---|---|---|---|---|",

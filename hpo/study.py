@@ -4,7 +4,8 @@ Exactness, across any number of workers: the study never holds more than N trial
 COMPLETE, PRUNED, RUNNING or WAITING. Only :func:`top_up` adds trials, always under the study
 lock, and only up to N; a failed trial (NaN loss, OOM, a dead worker) leaves a gap that the next
 top-up fills. Workers only pop WAITING trials. Random and grid parameters are drawn when a slot is
-queued (trial k of a seeded study always gets the same draw); TPE samples when a slot runs.
+queued and stored with it (trial k of a seeded study always gets the same draw); TPE samples when a
+slot runs.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def draw(cfg: StudyConfig, index: int) -> dict[str, Any] | None:
         if spec.step:
             steps = int((spec.high - spec.low) // spec.step)
             value = spec.low + spec.step * rng.integers(steps + 1)
-        elif spec.log:
-            value = float(np.exp(rng.uniform(np.log(spec.low), np.log(spec.high))))
+        elif spec.log:  # clipped: exp(log(x)) can land an ulp outside the range, which add_trial refuses
+            value = float(np.clip(np.exp(rng.uniform(np.log(spec.low), np.log(spec.high))), spec.low, spec.high))
         else:
             value = float(rng.uniform(spec.low, spec.high))
         params[key] = int(round(value)) if is_int else float(value)
@@ -119,10 +120,17 @@ def _retry_stale(storage_holder: list, study: optuna.Study, trial: optuna.trial.
         live = len(study.get_trials(deepcopy=False, states=LIVE))
         if live >= int(study.user_attrs.get(TARGET_ATTR, 0)):
             return
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs={**trial.user_attrs, "retry_of": trial.number}, intermediate_values=trial.intermediate_values,
-            system_attrs={k: v for k, v in trial.system_attrs.items() if k == "fixed_params"}))
+        _queue(study, trial.params, trial.distributions, {**trial.user_attrs, "retry_of": trial.number},
+               trial.intermediate_values)
+
+
+def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDistribution],
+           user_attrs: dict[str, Any], intermediate_values: dict[int, float] | None = None) -> None:
+    """Add a WAITING trial whose parameters are already stored: one transaction, and the worker's
+    suggest calls read them back rather than write them (enqueue_trial costs two more commits)."""
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=params, distributions={k: dists[k] for k in params},
+        user_attrs=user_attrs, intermediate_values=intermediate_values or {}))
 
 
 def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int = HEARTBEAT_INTERVAL,
@@ -166,12 +174,12 @@ def top_up(handle: StudyHandle) -> int:
         missing = handle.target - sum(t.state in LIVE for t in trials)
         room = QUEUE_AHEAD - sum(t.state == TrialState.WAITING for t in trials)
         drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
-        queued = 0
+        queued, dists = 0, distributions(handle.cfg)
         for index in range(drawn, drawn + max(min(missing, room), 0)):
             params = draw(handle.cfg, index)
             if params is None:  # the grid is used up
                 break
-            handle.study.enqueue_trial(params, user_attrs={DRAW_ATTR: index})
+            _queue(handle.study, params, dists, {DRAW_ATTR: index})
             queued += 1
         return queued
 

@@ -59,6 +59,31 @@ def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n)
     assert len(trials(storage_url)) == n  # a finished study gets no new trial
 
 
+def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_file, storage_url):
+    import sqlalchemy
+
+    from hpo.study import pop_waiting, set_target, top_up
+    from hpo.worker import suggest
+
+    cfg = load_study(study_file(SEARCH))
+    handle = open_study(cfg, storage_url, create=True)
+    set_target(handle, 3)
+    assert top_up(handle) == 3
+    waiting = handle.trials((TrialState.WAITING,))
+    assert [t.params for t in waiting] == [draw(cfg, i) for i in range(3)]  # visible before they run
+    engine = sqlalchemy.create_engine(storage_url)
+
+    def param_rows() -> int:
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text("SELECT count(*) FROM trial_params")).scalar_one()
+
+    before = param_rows()
+    trial, _ = pop_waiting(handle)
+    assert suggest(trial, cfg) == draw(cfg, trial.user_attrs[DRAW_ATTR])
+    assert param_rows() == before == 3 * len(cfg.search)  # read back, not written again
+    engine.dispose()
+
+
 def test_the_gate_blocks_a_broken_config(study_file, storage_url, tmp_path):
     r = hpo_cli("run", study_file(SEARCH), "--storage", storage_url, "--param", "train.lr=0.0", "--device", "cpu",
                 "--out", tmp_path / "runs")
