@@ -58,21 +58,25 @@ def draw(cfg: StudyConfig, index: int) -> dict[str, Any] | None:
         grid = list(itertools.product(*(spec.choices for spec in cfg.search.values())))
         return dict(zip(cfg.search, grid[index], strict=True)) if index < len(grid) else None
     rng = np.random.default_rng(np.random.SeedSequence(cfg.study.seed).spawn(index + 1)[index])
+    bounds = distributions(cfg)
     params: dict[str, Any] = {}
     for key, spec in cfg.search.items():
         if isinstance(spec, Categorical):
             params[key] = spec.choices[rng.integers(len(spec.choices))]
             continue
         assert isinstance(spec, Range)
-        is_int = hyperparameter(key)[1] is int
         if spec.step:
             steps = int((spec.high - spec.low) // spec.step)
             value = spec.low + spec.step * rng.integers(steps + 1)
-        elif spec.log:  # clipped: exp(log(x)) can land an ulp outside the range, which add_trial refuses
-            value = float(np.clip(np.exp(rng.uniform(np.log(spec.low), np.log(spec.high))), spec.low, spec.high))
+        elif spec.log:
+            value = float(np.exp(rng.uniform(np.log(spec.low), np.log(spec.high))))
         else:
             value = float(rng.uniform(spec.low, spec.high))
-        params[key] = int(round(value)) if is_int else float(value)
+        # Within Optuna's bounds (it moves a step range's high onto the grid): float arithmetic can
+        # land an ulp outside them (0.004 + 5 * 0.01 > 0.054), and add_trial refuses such a value.
+        dist = bounds[key]
+        value = min(max(value, dist.low), dist.high)
+        params[key] = int(round(value)) if isinstance(dist, IntDistribution) else float(value)
     return params
 
 

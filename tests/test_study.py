@@ -84,6 +84,22 @@ def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_
     engine.dispose()
 
 
+def test_a_step_range_queues_its_top_value(study_file, tmp_path):
+    """0.004 + 5 * 0.01 is 0.054000000000000006 in floats, above high; the slot must still be queued,
+    with the grid's top value."""
+    from hpo.study import distributions, set_target, top_up
+
+    cfg = load_study(study_file(SEARCH.replace('"train.lr" = [0.01, 0.003, 0.001]',
+                                               '"train.lr" = {low = 0.004, high = 0.054, step = 0.01}')))
+    handle = open_study(cfg, f"sqlite:///{tmp_path / 'study.db'}", create=True)
+    set_target(handle, 16)
+    assert top_up(handle) == 16
+    lrs = {t.params["train.lr"] for t in handle.trials((TrialState.WAITING,))}
+    assert 0.054 in lrs and lrs <= {0.004 + 0.01 * k for k in range(5)} | {0.054}
+    lr = distributions(cfg)["train.lr"]
+    assert all(lr._contains(draw(cfg, i)["train.lr"]) for i in range(100))
+
+
 def test_the_gate_blocks_a_broken_config(study_file, storage_url, tmp_path):
     r = hpo_cli("run", study_file(SEARCH), "--storage", storage_url, "--param", "train.lr=0.0", "--device", "cpu",
                 "--out", tmp_path / "runs")
