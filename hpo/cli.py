@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,15 @@ from typing import Any
 from hpo.checks import GateFailed
 from hpo.config import ConfigError, StudyConfig, apply_overrides, load_study, parse_override, validate
 from hpo.data import DataError
+from hpo.faults import TooManyFailures
+from hpo.files import WriteError
 from hpo.storage import (
     CHECKPOINT_EVERY,
     DB_TIMEOUT,
     DEFAULT_STORAGE,
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
+    DatabaseError,
     StorageError,
     StorageUnavailable,
 )
@@ -28,17 +32,22 @@ from hpo.worker import WorkersFailed
 EXIT_BAD_INPUT = 2
 EXIT_CHECKS_FAILED = 3
 EXIT_STORAGE_LOST = 4
+EXIT_CANNOT_WRITE = 5
 
 
 class UsageError(Exception):
     """Bad input from the command line; the message is the one line the user sees."""
 
 
-def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> StudyConfig:
-    overrides = dict(parse_override(p) for p in args.param)
-    if args.data is not None:
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = dict(parse_override(p) for p in getattr(args, "param", []))
+    if getattr(args, "data", None) is not None:
         overrides["data.path"] = args.data
-    return load_study(args.study, {**overrides, **(extra or {})})
+    return overrides
+
+
+def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> StudyConfig:
+    return load_study(args.study, {**_overrides(args), **(extra or {})})
 
 
 def _device(name: str):
@@ -100,13 +109,16 @@ def _options(args: argparse.Namespace):
     _device(args.device if args.device != "auto" else "cpu")  # an unknown name fails before anything starts
     _positive("--heartbeat", args.heartbeat)
     _positive("--grace", args.grace)
+    _positive("--max-failures", args.max_failures)
+    if not 0 <= args.db_timeout < float("inf"):  # also NaN
+        raise UsageError(f"--db-timeout must be 0 (give up at once) or more seconds, got {args.db_timeout}")
     if args.grace <= args.heartbeat:
         raise UsageError(f"--grace ({args.grace}s) must be longer than --heartbeat ({args.heartbeat}s)")
     if not args.checkpoint_every >= 0:  # also NaN
         raise UsageError(f"--checkpoint-every must be 0 (every epoch) or more seconds, got {args.checkpoint_every}")
     return Options(storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
                    skip_checks=args.skip_checks, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout,
-                   checkpoint_every=args.checkpoint_every)
+                   checkpoint_every=args.checkpoint_every, max_failures=args.max_failures)
 
 
 def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> int:
@@ -133,12 +145,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     worker_args = [args.study, *(f"--param={p}" for p in args.param)]
     worker_args += [f"--data={args.data}"] if args.data else []
     worker_args += ["--skip-checks"] if args.skip_checks else []
-    result = run_study(_config(args), opts, args.n_trials, args.workers, worker_args, quiet=args.quiet)
+    cfg = _config(args)
+    result = run_study(cfg, opts, args.n_trials, args.workers, worker_args, quiet=args.quiet)
     print(f"study {result['study']}: {result['finished']} finished, {result['failed']} failed, "
           f"{result['wall_seconds']:.1f}s, storage {result['storage']}")
-    from hpo.study import open_study
+    from hpo.study import read_study
 
-    return _print_best(open_study(_config(args), opts.storage, create=False), args.json, result)
+    return _print_best(read_study(opts.storage, cfg.study.name), args.json, result)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -152,10 +165,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_best(args: argparse.Namespace) -> int:
-    from hpo.study import open_study
+def _read(args: argparse.Namespace):
+    """The study a read-only command names (``--study NAME``, or a study file's name), with the
+    config stored in it."""
+    from hpo.study import read_study
 
-    return _print_best(open_study(_config(args), args.storage, create=False), args.json)
+    if args.study_name:
+        name = args.study_name
+    elif args.study:
+        name = load_study(args.study, {k: v for k, v in _overrides(args).items() if k == "study.name"}).study.name
+    else:
+        raise UsageError("name the study: a study file (STUDY.toml) or --study NAME")
+    return read_study(args.storage, name)
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    return _print_best(_read(args), args.json)
 
 
 def _explore_config(args: argparse.Namespace) -> StudyConfig:
@@ -187,9 +212,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from hpo.report import study_report
-    from hpo.study import open_study
 
-    sections = study_report(open_study(_config(args), args.storage, create=False), Path(args.out))
+    sections = study_report(_read(args), Path(args.out))
     print(f"wrote {args.out}: {', '.join(sections)}")
     return 0
 
@@ -199,7 +223,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from optuna.artifacts import FileSystemArtifactStore
 
     from hpo.storage import mask, open_storage
+    from hpo.study import require_database
 
+    require_database(args.storage)
     storage = open_storage(args.storage)
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard on http://{args.host}:{args.port}/dashboard for {mask(args.storage)}", flush=True)
@@ -209,12 +235,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from hpo.retrain import retrain
-    from hpo.study import open_study
 
     _positive("--epochs", args.epochs)
-    handle = open_study(_config(args), args.storage, create=False)
-    result = retrain(handle, _device(args.device), Path(args.out), Path(args.artifacts), args.epochs)
+    device = _device(args.device)
+    handle = _read(args)
+    # The study's config, with the data where this machine has it: --data, else the study file's.
+    overrides = {k: v for k, v in _overrides(args).items() if k != "study.name"}
+    if args.study and "data.path" not in overrides:
+        overrides["data.path"] = _config(args).data.path
+    if overrides:
+        handle = dataclasses.replace(handle, cfg=handle.cfg.with_params(overrides))
+    result = retrain(handle, device, Path(args.out), Path(args.artifacts), args.epochs)
     print(f"retrained trial {result['from_trial']} on the full split: val_acc {result['val_acc']:.4f}, "
           f"test_acc {result['test_acc']:.4f} after {result['epochs_run']} epochs ({result['stop_reason']}); "
           f"model {result['checkpoint']}, study artifact {result['artifact']}")
@@ -226,20 +260,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpo", description="Hyperparameter search on Optuna, following the recipe.")
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("study", help="study file (TOML), e.g. studies/recipe-baseline.toml")
-    common.add_argument("--data", help="cifar10, synthetic, or a cifar-10-batches-py / ImageFolder folder")
-    common.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a hyperparameter by its dotted name, e.g. train.lr=0.001 (repeatable)")
-    common.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    common.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    study_file = argparse.ArgumentParser(add_help=False)
+    study_file.add_argument("study", help="study file (TOML), e.g. studies/recipe-baseline.toml")
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--data", help="cifar10, synthetic, or a cifar-10-batches-py / ImageFolder folder")
+    options.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a hyperparameter by its dotted name, e.g. train.lr=0.001 (repeatable)")
+    options.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    options.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    common = [study_file, options]
 
-    train = sub.add_parser("train", parents=[common], help="one training run with fixed hyperparameters")
+    train = sub.add_parser("train", parents=common, help="one training run with fixed hyperparameters")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--out", default="runs", help="folder for run directories (default: runs)")
     train.set_defaults(func=cmd_train)
 
-    check = sub.add_parser("check", parents=[common], help="the sanity checks: can this pipeline learn?")
+    check = sub.add_parser("check", parents=common, help="the sanity checks: can this pipeline learn?")
     check.set_defaults(func=cmd_check)
 
     storage = argparse.ArgumentParser(add_help=False)
@@ -260,12 +296,19 @@ def parser() -> argparse.ArgumentParser:
     runner.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, metavar="SECONDS",
                         help="seconds between a trial's checkpoint writes; a retried trial redoes at most this "
                              f"much (0: every epoch; default {CHECKPOINT_EVERY:g})")
-    run = sub.add_parser("run", parents=[common, storage, runner], help="run a study: gate, then N trials")
+    runner.add_argument("--max-failures", type=int, metavar="N",
+                        help="failed trials (NaN loss, OOM, invalid parameters) before the study stops "
+                             "(default: the larger of the study's N and 10)")
+    reader = argparse.ArgumentParser(add_help=False)  # read-only: the study by name, its stored config
+    reader.add_argument("study", nargs="?", help="study file (TOML) whose study to read; or --study NAME")
+    reader.add_argument("--study", dest="study_name", metavar="NAME", help="the study's name in the storage")
+    run = sub.add_parser("run", parents=[*common, storage, runner], help="run a study: gate, then N trials")
     run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
     run.set_defaults(func=cmd_run)
-    worker = sub.add_parser("worker", parents=[common, storage, runner], help="join a running study")
+    worker = sub.add_parser("worker", parents=[*common, storage, runner], help="join a running study")
     worker.set_defaults(func=cmd_worker)
-    best = sub.add_parser("best", parents=[common, storage], help="the study's best trial")
+    best = sub.add_parser("best", parents=[reader, storage], help="the study's best trial")
+    best.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     best.set_defaults(func=cmd_best)
 
     explore = sub.add_parser("explore", help="the recipe's data exploration: stats, samples, histogram")
@@ -276,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
     explore.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     explore.set_defaults(func=cmd_explore)
 
-    report = sub.add_parser("report", parents=[common, storage], help="a self-contained HTML report of a study")
+    report = sub.add_parser("report", parents=[reader, storage], help="a self-contained HTML report of a study")
     report.add_argument("--out", default="report.html", help="the HTML file to write")
     report.set_defaults(func=cmd_report)
 
@@ -289,37 +332,50 @@ def parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8080)
     dash.set_defaults(func=cmd_dashboard)
 
-    retrain = sub.add_parser("retrain", parents=[common, storage, artifacts],
-                             help="the best trial's setting on the full split, evaluated on test")
+    retrain = sub.add_parser("retrain", parents=[reader, options, storage, artifacts],
+                             help="the best trial's setting on the full split, evaluated on test; the study's "
+                                  "config, with --data and --param over it")
     retrain.add_argument("--epochs", type=int, help="override train.epochs")
     retrain.add_argument("--out", default="runs", help="folder for the run directory")
     retrain.set_defaults(func=cmd_retrain)
     return p
 
 
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt  # a supervisor's SIGTERM ends a run as Ctrl-C does: trials failed and queued again
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import optuna
+    import torch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # hpo prints its own lines
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except ConfigError as e:
         for line in e.problems:
             print(f"hpo: {line}", file=sys.stderr)
-    except StorageUnavailable as e:
+    except (StorageUnavailable, DatabaseError) as e:
         print(f"hpo: {e}", file=sys.stderr)
         return EXIT_STORAGE_LOST
     except GateFailed as e:
         print(f"hpo: {e}", file=sys.stderr)
         return EXIT_CHECKS_FAILED
+    except WriteError as e:
+        print(f"hpo: {e}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
     except (DataError, UsageError, StorageError, StudyError) as e:
         print(f"hpo: {e}", file=sys.stderr)
-    except WorkersFailed as e:
+    except (WorkersFailed, TooManyFailures) as e:
         print(f"hpo: {e}", file=sys.stderr)
         return 1
     except TrainingDiverged as e:
         print(f"hpo: training diverged: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:
+        print(f"hpo: out of memory: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hpo: interrupted", file=sys.stderr)

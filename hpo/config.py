@@ -67,8 +67,9 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: the recipe's MLP, 3072 -> hidden x depth -> classes."""
 
-    hidden: int = field(default=100, metadata=_rng(1))  # recipe: H = 100
-    depth: int = field(default=2, metadata=_rng(1))  # hidden layers; recipe: 2
+    # Bounded so that a typo (1e12) is a bad value, not an allocation failure mid-study.
+    hidden: int = field(default=100, metadata=_rng(1, 65_536))  # recipe: H = 100
+    depth: int = field(default=2, metadata=_rng(1, 64))  # hidden layers; recipe: 2
     batch_norm: bool = False  # the recipe adds it when regularizing
     dropout: float = field(default=0.0, metadata=_rng(0.0, 0.95))  # after each ReLU
 
@@ -134,6 +135,19 @@ class StudyConfig:
         out = dataclasses.asdict(self)
         out["search"] = {k: dataclasses.asdict(v) for k, v in self.search.items()}
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        """The inverse of :meth:`to_dict`, for the config a study stores (validated when stored).
+        Raises ConfigError when it was written by an hpo whose config had other keys."""
+        try:
+            search = {k: Categorical(tuple(v["choices"])) if "choices" in v else Range(**v)
+                      for k, v in d["search"].items()}
+            return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS}, augment=d["augment"],
+                       search=search, source=d["source"])
+        except (KeyError, TypeError) as e:
+            why = f"{type(e).__name__}: {e}"
+            raise ConfigError([f"the study's stored config was written by another version of hpo ({why})"]) from None
 
     def fingerprint(self, *parts: str) -> str:
         """A short hash of the named parts (``data``, ``model``, ``study.sampler``...). The data
@@ -354,4 +368,6 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the study file: {e.strerror or e}"]) from None
     return validate(apply_overrides(raw, overrides or {}), path)

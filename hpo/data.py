@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from hpo.config import DataConfig
+from hpo.files import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -137,16 +137,8 @@ def _cached(key: str, build) -> ImageData:
         with np.load(path) as z:
             return ImageData(z["train_x"], z["train_y"], z["test_x"], z["test_y"], tuple(z["classes"].tolist()))
     data = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x,
-                     test_y=data.test_y, classes=np.asarray(data.classes))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez(f, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x,
+                                          test_y=data.test_y, classes=np.asarray(data.classes)))
     return data
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +14,7 @@ import optuna
 from hpo.checks import IMBALANCE_WARNING
 from hpo.config import DataConfig
 from hpo.data import ImageData, make_splits
+from hpo.files import atomic_write
 from hpo.study import COUNTED, StudyHandle
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: every worker imports hpo, none draws
@@ -38,11 +37,7 @@ def write_html(path: Path, title: str, sections: list[Section]) -> None:
         else:
             parts.append(content)
     parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("\n".join(parts).encode()))
 
 
 def table(rows: list[dict[str, Any]]) -> str:

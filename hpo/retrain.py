@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
 
 from hpo.data import ImageData, load_data, to_device
+from hpo.files import store_artifact
 from hpo.models import build_model
 from hpo.runs import train_run, write_json
-from hpo.study import StudyHandle, best_trial
+from hpo.study import StudyError, StudyHandle, best_trial
 from hpo.train import evaluate, load_checkpoint, save_checkpoint
 
 
@@ -22,7 +22,8 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     stopping), evaluate once on test, save ``final.pt`` and upload it as a study artifact."""
     best = best_trial(handle)
     if best is None:
-        raise optuna.exceptions.OptunaError(f"study {handle.cfg.study.name!r} has no completed trial to retrain")
+        raise StudyError(f"study {handle.cfg.study.name!r} has no completed trial to retrain yet; "
+                         "finish some with `hpo run` first")
     params = {**best.params, "data.train_on": "full", **({"train.epochs": epochs} if epochs else {})}
     cfg = handle.cfg.with_params(params)
     data = data if data is not None else load_data(cfg.data.path)
@@ -35,10 +36,7 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     final = run_dir / "final.pt"
     save_checkpoint(final, {"model": model.state_dict(), "config": cfg.to_dict(), "classes": list(data.classes),
                             "val_acc": summary["best_val_acc"], "test_acc": test_acc, "from_trial": best.number})
-    artifacts.mkdir(parents=True, exist_ok=True)
-    artifact = optuna.artifacts.upload_artifact(
-        artifact_store=optuna.artifacts.FileSystemArtifactStore(str(artifacts)), file_path=str(final),
-        study_or_trial=handle.study)
+    artifact = store_artifact(artifacts, final, handle.study)
     result = {"from_trial": best.number, "params": best.params, "val_acc": summary["best_val_acc"],
               "test_acc": test_acc, "test_loss": test_loss, "epochs_run": summary["epochs_run"],
               "best_epoch": summary["best_epoch"], "stop_reason": summary["stop_reason"],

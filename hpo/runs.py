@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 from hpo.augment import make_augment
 from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, training_splits
+from hpo.files import atomic_write, writing
 from hpo.models import build_model
 from hpo.train import EpochStats, fit, load_checkpoint
 
@@ -43,17 +43,14 @@ def git_revision() -> str:
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write: temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def new_run_dir(out: Path, name: str) -> Path:
     """A fresh directory per run, so parallel workers never share files."""
     run_dir = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    run_dir.mkdir(parents=True)
+    with writing(run_dir):
+        run_dir.mkdir(parents=True)
     return run_dir
 
 
@@ -82,17 +79,18 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
     train, val = training_splits(data, cfg.data, device)  # bad data fails here, before any file
     data_seconds = time.perf_counter() - t0
 
-    if run_dir is None:
-        run_dir = new_run_dir(out, cfg.study.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir or new_run_dir(out, cfg.study.name)
     write_json(run_dir / "config.json", run_record(cfg, device))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, train.x[0].numel(), len(data.classes)).to(device)
     try:
+        model = build_model(cfg.model, train.x[0].numel(), len(data.classes)).to(device)
         result = fit(model, train, val, cfg.train, make_augment(cfg.augment), run_dir / "best.pt", on_epoch, log,
                      resumable=True, save_every=save_every)
     except Exception as e:  # recorded beside the config, then raised to the caller
         write_json(run_dir / "results.json", {"error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
+        if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # how the CPU allocator says it
+            why = str(e).rpartition("] ")[2]
+            raise torch.OutOfMemoryError(f"{why}; lower model.hidden or train.batch_size") from None
         raise
 
     summary = {

@@ -7,11 +7,15 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import math
 import os
+import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -36,23 +40,50 @@ class StorageUnavailable(StorageError):
     """The database stayed out of reach for longer than the configured limit."""
 
 
-def _connection_lost(e: BaseException) -> bool:
-    """A dropped or refused connection (worth retrying), as opposed to a bad query or data."""
-    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
-    if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated:
+class DatabaseError(StorageError):
+    """The database refused a call for a reason that waiting does not fix; the message is its own."""
+
+
+# What waiting fixes: a connection dropped or refused, a server restarting, a deadlock the server broke
+# by rolling one transaction back. Anything else (a bad query, a missing table, a full disk, a lock held
+# too long) fails the same way on every try.
+_PG_TRANSIENT = ("08", "57P01", "57P02", "57P03", "40001", "40P01")  # SQLSTATE classes and codes
+_MYSQL_TRANSIENT = frozenset({1053, 1213, 2002, 2003, 2006, 2013, 2055})  # error numbers
+
+
+def _transient(error: BaseException, backend: str) -> bool:
+    """Worth retrying: see above. SQLite has no connection to lose: its errors are all final."""
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
         return True
-    return isinstance(cause, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+    if not isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return False
+    if backend == "postgresql":  # psycopg: sqlstate; psycopg2: pgcode; None: the client lost the server
+        state = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        return state is None or state.startswith(_PG_TRANSIENT)
+    if backend in ("mysql", "mariadb"):
+        return bool(error.orig.args) and error.orig.args[0] in _MYSQL_TRANSIENT
+    return False
+
+
+def _reason(error: BaseException, url: str) -> str:
+    """The database's (or its driver's) own first line, without the password."""
+    lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__).replace(url, mask(url))
 
 
 def retry_lost_connection(fn: Callable, url: str, timeout: float):
-    """``fn()``, retried with backoff while the database connection is lost, for up to ``timeout``."""
+    """``fn()``, retried with backoff while the database connection is lost, for up to ``timeout``;
+    any other database error raises DatabaseError at once. Optuna's own exceptions (KeyError for an
+    unknown study, DuplicatedStudyError...) pass through."""
     deadline, pause = time.monotonic() + timeout, 0.5
     while True:
         try:
             return fn()
-        except Exception as e:
-            if not _connection_lost(e):
-                raise
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            # Optuna wraps what SQLAlchemy raised in a StorageInternalError of its own words
+            error = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
+            if not _transient(error, sqlalchemy.engine.make_url(url).get_backend_name()):
+                raise DatabaseError(f"the database at {mask(url)} failed: {_reason(error, url)}") from e
             if time.monotonic() + pause > deadline:
                 raise StorageUnavailable(f"lost the database at {mask(url)} for more than {timeout:g}s; "
                                          "is it running and reachable? (--db-timeout sets the limit)") from None
@@ -60,10 +91,18 @@ def retry_lost_connection(fn: Callable, url: str, timeout: float):
             pause = min(pause * 2, 10.0)
 
 
-def _retrying(method: Callable) -> Callable:
+_writing = threading.local()  # .on: this thread is inside a storage method that writes
+
+
+def _retrying(method: Callable, writes: bool) -> Callable:
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        return retry_lost_connection(lambda: method(self, *args, **kwargs), self.url, self.db_timeout)
+        outer = getattr(_writing, "on", False)
+        _writing.on = outer or writes  # a read inside a write stays in the write's transaction kind
+        try:
+            return retry_lost_connection(lambda: method(self, *args, **kwargs), self.url, self.db_timeout)
+        finally:
+            _writing.on = outer
 
     return call
 
@@ -76,16 +115,23 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
 
     db_timeout: float = 0.0  # no retries while opening: a wrong URL must fail at once
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.engine.dialect.name == "sqlite":  # the engine is a new one, without our listeners
+            _serialize_sqlite_writes(self.engine)
 
-for _name in ("create_new_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
-              "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-              "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
-              "get_trial_number_from_id", "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-              "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials",
-              "record_heartbeat", "_get_stale_trial_ids",
-              # what Optuna's trial cache calls on the storage behind it
-              "_create_new_trial", "_get_best_trial_id", "_get_trials", "_set_trial_param"):
-    setattr(ResilientRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))
+
+_READS = ("get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+          "get_study_system_attrs", "get_all_studies", "get_trial_id_from_study_id_trial_number",
+          "get_trial_number_from_id", "get_trial_param", "get_trial", "get_trial_user_attrs",
+          "get_trial_system_attrs", "get_all_trials", "get_n_trials", "_get_stale_trial_ids",
+          "_get_best_trial_id", "_get_trials")  # the last two: what Optuna's trial cache calls
+_WRITES = ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "create_new_trial",
+           "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+           "set_trial_system_attr", "record_heartbeat",
+           "_create_new_trial", "_set_trial_param")  # the cache's; study.add_trial goes through the first
+for _name in _READS + _WRITES:
+    setattr(ResilientRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name), _name in _WRITES))
 
 
 def mask(url: str) -> str:
@@ -96,26 +142,35 @@ def mask(url: str) -> str:
         return "<malformed storage URL>"
 
 
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    """WAL: readers go on while one process writes. The begin listener issues BEGIN itself."""
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _sqlite_begin(connection: sqlalchemy.Connection) -> None:
+    """A transaction of a storage method that writes takes SQLite's write lock up front (BEGIN
+    IMMEDIATE): a deferred one that reads and then writes fails at once with 'database is locked'
+    when another process committed meanwhile, where an immediate one waits its turn on the busy
+    timeout. Reads (and transactions outside the storage's methods) stay deferred: they neither
+    wait for a writer nor hold one up."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if getattr(_writing, "on", False) else "BEGIN")
+
+
 def _serialize_sqlite_writes(engine: sqlalchemy.Engine) -> None:
-    """Every transaction takes SQLite's write lock up front (BEGIN IMMEDIATE), so concurrent
-    workers queue on the busy timeout instead of failing with 'database is locked' when a
-    read transaction tries to become a write one."""
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection, _record) -> None:
-        dbapi_connection.isolation_level = None  # let us issue BEGIN ourselves
-        dbapi_connection.execute("PRAGMA journal_mode=WAL")
-
-    @event.listens_for(engine, "begin")
-    def _begin(connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
     engine.dispose()  # connections opened before the listeners existed must go
 
 
 def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: int = HEARTBEAT_INTERVAL,
                  grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> ResilientRDBStorage:
     """An RDBStorage with heartbeats on; ``stale_callback(study, trial)`` sees trials of dead workers."""
+    for name, value in (("heartbeat", heartbeat), ("grace", grace)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer (seconds), got {value!r}")
+    if not isinstance(db_timeout, (int, float)) or not 0 <= db_timeout < math.inf:  # NaN fails too
+        raise ValueError(f"db_timeout must be a finite number of seconds, 0 or more, got {db_timeout!r}")
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -125,7 +180,8 @@ def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: in
     kwargs = ({"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}} if sqlite else
               {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}})
     try:
-        with warnings.catch_warnings():  # heartbeats are 'experimental' in Optuna, and what we need
+        with _schema_lock(url, kwargs), warnings.catch_warnings():
+            # heartbeats are 'experimental' in Optuna, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = ResilientRDBStorage(
                 url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace,
@@ -134,9 +190,8 @@ def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: in
         missing = getattr(e.__cause__ or e, "name", None) or parsed.get_driver_name()
         raise StorageError(f"--storage {mask(url)}: the database driver is not installed ({missing}); "
                            "pip install it, e.g. psycopg[binary] for postgresql+psycopg://") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0].replace(url, mask(url))
-        raise StorageError(f"--storage {mask(url)}: cannot open the database: {reason}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as e:
+        raise StorageError(f"--storage {mask(url)}: cannot open the database: {_reason(e, url)}") from None
     if sqlite:
         _serialize_sqlite_writes(storage.engine)
     storage.db_timeout = db_timeout  # set after opening: a bad URL must fail at once, not retry
@@ -144,41 +199,70 @@ def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: in
 
 
 @contextlib.contextmanager
+def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
+    """Held while Optuna creates its tables, which processes opening one new database at the same
+    instant would race on ('duplicate key value', 'table studies already exists')."""
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)  # its own connection, gone after
+    try:
+        with _cross_process_lock(url, engine, "hpo schema", None):
+            yield
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
 def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
     """Mutual exclusion across processes and machines for one study's queue: an advisory lock
     on PostgreSQL and MySQL, a file lock beside a SQLite database."""
-    url = sqlalchemy.engine.make_url(storage.url)
-    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-    backend = url.get_backend_name()
+    with _cross_process_lock(storage.url, storage.engine, study_name, storage.db_timeout):
+        yield
+
+
+_ADVISORY_LOCKS = {  # take, give
+    "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+    "mysql": ("SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)"),
+    "mariadb": ("SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)"),
+}
+
+
+@contextlib.contextmanager
+def _cross_process_lock(url: str, engine: sqlalchemy.Engine, name: str,
+                        db_timeout: float | None) -> Iterator[None]:
+    """Mutual exclusion by ``name``: an advisory lock taken on a connection of ``engine``, or a file
+    lock beside a SQLite database (one for every name). ``db_timeout`` None: no retries, so that a
+    bad URL fails at once with its own error."""
+    parsed = sqlalchemy.engine.make_url(url)
+    backend = parsed.get_backend_name()
     if backend == "sqlite":
-        path = Path(url.database or "memory").with_suffix(".lock")
-        with open(path if url.database else os.devnull, "a") as f:
+        path = parsed.database or ""
+        if "uri" in parsed.query:  # sqlite:///file:x.db?mode=ro&uri=true
+            path = urllib.parse.urlparse(path).path
+        with open(Path(path).with_suffix(".lock") if path not in ("", ":memory:") else os.devnull, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return
-    take, give = {
-        "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
-        "mysql": ("SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)"),
-        "mariadb": ("SELECT GET_LOCK(:k, 600)", "SELECT RELEASE_LOCK(:k)"),
-    }.get(backend, (None, None))
+    take, give = _ADVISORY_LOCKS.get(backend, (None, None))
     if take is None:
         raise StorageError(f"{backend}: hpo coordinates workers on SQLite, PostgreSQL or MySQL only")
-    # The lock lives in its own connection: it goes with the process if the process dies.
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
     arg = {"k": key if backend == "postgresql" else f"hpo-{key}"}
 
     def acquire() -> sqlalchemy.Connection:
-        conn = storage.engine.connect()
+        # The lock lives in its own connection: it goes with the process if the process dies.
+        conn = engine.connect()
         try:
-            conn.execute(sqlalchemy.text(take), arg)
-        except Exception:
+            if conn.execute(sqlalchemy.text(take), arg).scalar() == 0:  # MySQL: timed out
+                raise StorageError(f"waited 600s for another process's lock on {name!r} at {mask(url)}")
+            conn.commit()  # the lock is the session's: no transaction need stay open meanwhile
+        except BaseException:
             conn.close()
             raise
         return conn
 
-    conn = retry_lost_connection(acquire, storage.url, storage.db_timeout)
+    conn = acquire() if db_timeout is None else retry_lost_connection(acquire, url, db_timeout)
     try:
         yield
     finally:

@@ -1,31 +1,49 @@
 """The study: an Optuna study in a SQL database whose trials are a queue of exactly N slots.
 
 Exactness, across any number of workers: the study never holds more than N trials that are
-COMPLETE, PRUNED, RUNNING or WAITING. Only :func:`top_up` adds trials, always under the study
-lock, and only up to N; a failed trial (NaN loss, OOM, a dead worker) leaves a gap that the next
-top-up fills. Workers only pop WAITING trials. Random and grid parameters are drawn when a slot is
-queued and stored with it (trial k of a seeded study always gets the same draw); TPE samples when a
-slot runs.
+COMPLETE, PRUNED, RUNNING or WAITING. Only :func:`top_up` and :func:`requeue` add trials, always
+under the study lock, and only up to N; a trial's own failure (NaN loss, OOM) leaves a gap that the
+next top-up fills with a new draw, an attempt that failed through no fault of its own (a dead
+worker, Ctrl-C, a full disk) is queued again with its parameters. Workers only pop WAITING
+trials. Random and grid parameters are drawn when a slot is queued and stored with it (trial k of
+a seeded study always gets the same draw); TPE samples when a slot runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from hpo.config import Categorical, Range, StudyConfig, hyperparameter
-from hpo.storage import DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage, study_lock
+from hpo.storage import (
+    DB_TIMEOUT,
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    StorageError,
+    mask,
+    open_storage,
+    study_lock,
+)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what "N finished trials" counts
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)  # what a top-up fills up to N
 TARGET_ATTR, CONFIG_ATTR, HASH_ATTR, DRAW_ATTR = "hpo:n_trials", "hpo:config", "hpo:config_hash", "hpo:draw"
+RETRY_ATTR = "retry_of"  # on a slot queued again: the number of the attempt it takes over from
+METRIC = "val_acc"  # what the study maximizes; its name is stored so that dashboards label their axes
+# What makes a study what it is: a config that differs in any of these would mix results.
+# The data path is left out: workers on other machines keep the same images elsewhere.
+IDENTITY = ("data", "model", "train", "augment", "search", "study.sampler", "study.seed", "study.pruner")
 POP_SPREAD = 8  # how many of the first WAITING trials a worker picks among
 # WAITING slots queued ahead at most. Every pop re-reads all unfinished trials (Optuna's trial
 # cache), so queueing all N up front made each pop cost O(N); workers top up as they drain it.
@@ -86,6 +104,13 @@ def grid_size(cfg: StudyConfig) -> int | None:
     return int(np.prod([len(spec.choices) for spec in cfg.search.values()]))
 
 
+def check_target(cfg: StudyConfig, n_trials: int) -> None:
+    """Refuses a target that the search space cannot fill, before anything is written."""
+    size = grid_size(cfg)
+    if size is not None and n_trials > size:
+        raise StudyError(f"--n-trials {n_trials}: the grid has only {size} points")
+
+
 @dataclass
 class StudyHandle:
     """An open study with the storage it lives in."""
@@ -117,15 +142,17 @@ def _pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
     }[cfg.study.pruner]()
 
 
-def _retry_stale(storage_holder: list, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A dead worker's trial: queue it again with the same parameters, within the N cap. Its
-    user attributes travel along, so the retry can resume from the last epoch checkpoint."""
-    with study_lock(storage_holder[0], study.study_name):
+def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Queue a failed attempt's slot again with the same parameters, within the N cap (a dead worker's
+    trial, an interrupted one). Its user attributes travel along, so the retry finds the attempt's
+    run folder and resumes from its last checkpoint."""
+    with study_lock(storage, study.study_name):
         live = len(study.get_trials(deepcopy=False, states=LIVE))
         if live >= int(study.user_attrs.get(TARGET_ATTR, 0)):
-            return
-        _queue(study, trial.params, trial.distributions, {**trial.user_attrs, "retry_of": trial.number},
-               trial.intermediate_values)
+            return False
+        attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"} | {RETRY_ATTR: trial.number}
+        _queue(study, trial.params, trial.distributions, attrs, trial.intermediate_values)
+        return True
 
 
 def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDistribution],
@@ -137,36 +164,105 @@ def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDis
         user_attrs=user_attrs, intermediate_values=intermediate_values or {}))
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The IDENTITY parts of a stored or current config as dotted keys, as JSON stores them."""
+    config = json.loads(json.dumps(config, default=str))
+    out: dict[str, Any] = {}
+    for part in IDENTITY:
+        section, _, key = part.partition(".")
+        value = config.get(section, {}).get(key) if key else config.get(section)
+        if isinstance(value, dict):
+            out.update({f"{part}.{k}": v for k, v in value.items() if part != "data" or k != "path"})
+        else:
+            out[part] = value
+    return out
+
+
+def config_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: X in the study, Y in the file`` for each identity key where the two configs differ."""
+    a, b = _identity(stored), _identity(current)
+
+    def show(v: Any) -> str:
+        return "nothing" if v is None else json.dumps(v) if isinstance(v, (dict, list, str)) else str(v)
+
+    return [f"{k}: {show(a.get(k))} in the study, {show(b.get(k))} in the file"
+            for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _refuse_foreign(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Workers run only hpo's own studies, and only with the config the study was made with."""
+    name = study.study_name
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None or study.user_attrs.get(HASH_ATTR) is None:
+        raise StudyError(f"study {name!r} was not made by hpo (it has no {CONFIG_ATTR} attribute); hpo leaves it "
+                         f"as it is: set another [study] name, e.g. --param study.name={name}-hpo")
+    directions = [d.name for d in study.directions]
+    if directions != ["MAXIMIZE"]:
+        raise StudyError(f"study {name!r} has direction {', '.join(directions)}; hpo maximizes {METRIC} and leaves "
+                         f"it as it is: set another [study] name, e.g. --param study.name={name}-hpo")
+    if study.user_attrs[HASH_ATTR] != cfg.fingerprint(*IDENTITY):
+        diff = "; ".join(config_diff(stored, cfg.to_dict())) or "the config hash differs"
+        raise StudyError(f"study {name!r} was made with another config ({diff}); run the file it was made with, "
+                         f"or set another [study] name (e.g. --param study.name={name}-2) rather than mix results")
+
+
 def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int = HEARTBEAT_INTERVAL,
                grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> StudyHandle:
-    """Create (``create``) or load the study named in ``cfg``. Refuses a study of that name that
-    holds a different search space or config: results would be mixed."""
+    """Create (``create``) or load the study named in ``cfg``, to run trials in. Refuses, and leaves
+    as it is, a study that hpo did not make or that holds another config: results would be mixed."""
     holder: list = []
-    storage = open_storage(storage_url, lambda s, t: _retry_stale(holder, s, t), heartbeat, grace, db_timeout)
+    storage = open_storage(storage_url, lambda s, t: requeue(holder[0], s, t), heartbeat, grace, db_timeout)
     holder.append(storage)
     name = cfg.study.name
-    exists = name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    if not exists and not create:
-        raise StudyError(f"no study {name!r} in this storage; start it with `hpo run` first")
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=_sampler(cfg),
-                                pruner=_pruner(cfg), load_if_exists=True)
-    fingerprint = cfg.fingerprint("data", "model", "train", "augment", "search", "study.sampler", "study.seed",
-                                  "study.pruner")
-    stored = study.user_attrs.get(HASH_ATTR)
-    if stored is None:
-        study.set_user_attr(HASH_ATTR, fingerprint)
-        study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
-    elif stored != fingerprint:
-        raise StudyError(f"study {name!r} already exists with a different search space or config "
-                         f"({stored} here, {fingerprint} now); set another [study] name, e.g. "
-                         f"--param study.name={name}-2, rather than mix their results")
+    with study_lock(storage, name):  # runs started at the same instant: one creates, the others join
+        try:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(cfg), pruner=_pruner(cfg))
+        except KeyError:
+            if not create:
+                raise StudyError(f"no study {name!r} in {mask(storage_url)}; start it with `hpo run` first") from None
+            study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                        sampler=_sampler(cfg), pruner=_pruner(cfg))
+            study.set_user_attr(HASH_ATTR, cfg.fingerprint(*IDENTITY))
+            study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
+        _refuse_foreign(study, cfg)
+        if study.metric_names is None:  # studies made before hpo named it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([METRIC])
     return StudyHandle(study, storage, cfg)
 
 
+def require_database(storage_url: str) -> None:
+    """Read-only commands must not create a database where there was none (SQLite would)."""
+    try:
+        url = sqlalchemy.engine.make_url(storage_url)
+    except sqlalchemy.exc.ArgumentError:
+        return  # open_storage says what is wrong with it
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        raise StorageError(f"--storage {mask(storage_url)}: no database file at {url.database}; "
+                           "run `hpo run` there first, or pass the --storage it used")
+
+
+def read_study(storage_url: str, name: str) -> StudyHandle:
+    """An hpo study by name, for reading (best, report, retrain): its config is the one stored in it,
+    whatever a study file says now. Writes nothing to the study."""
+    require_database(storage_url)
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        held = f"it holds {', '.join(map(repr, names))}" if names else "it holds no study"
+        raise StudyError(f"no study {name!r} in {mask(storage_url)}; {held}") from None
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        raise StudyError(f"study {name!r} was not made by hpo (it has no {CONFIG_ATTR} attribute); "
+                         "`hpo dashboard` shows any Optuna study")
+    return StudyHandle(study, storage, StudyConfig.from_dict(stored))
+
+
 def set_target(handle: StudyHandle, n_trials: int) -> None:
-    size = grid_size(handle.cfg)
-    if size is not None and n_trials > size:
-        raise StudyError(f"--n-trials {n_trials}: the grid has only {size} points")
+    check_target(handle.cfg, n_trials)
     handle.study.set_user_attr(TARGET_ATTR, n_trials)
 
 

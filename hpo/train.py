@@ -5,9 +5,8 @@ one host sync per epoch. No Optuna here: the study plugs in through ``on_epoch``
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from torch import nn
 
 from hpo.config import TrainConfig
 from hpo.data import DeviceSplit, normalize
+from hpo.files import atomic_write
 
 EVAL_BATCH = 1000  # the recipe's val batch size; only bounds memory
 
@@ -75,16 +75,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Atomic. Serialized in memory first: torch's own file writer reports a full disk as a bare
+    RuntimeError, a plain write as the OSError that WriteError names."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:

@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -23,23 +25,30 @@ from optuna.trial import TrialState
 
 from hpo.checks import gate
 from hpo.config import ConfigError, StudyConfig
-from hpo.data import ImageData, load_data
+from hpo.data import ImageData, load_data, make_splits
+from hpo.faults import check_failure_budget, reap
+from hpo.files import WriteError, store_artifact, writing
 from hpo.progress import Progress
 from hpo.runs import new_run_dir, resume_history, train_run
-from hpo.storage import (
-    CHECKPOINT_EVERY,
-    DB_TIMEOUT,
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
-    StorageUnavailable,
-    fail_stale_trials,
-    mask,
+from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageError, mask
+from hpo.study import (
+    COUNTED,
+    StudyHandle,
+    check_target,
+    distributions,
+    open_study,
+    pop_waiting,
+    requeue,
+    set_target,
+    top_up,
 )
-from hpo.study import COUNTED, StudyHandle, distributions, open_study, pop_waiting, set_target, top_up
 from hpo.train import TrainingDiverged, resolve_device
 
-# A trial's own fault: it fails with the reason recorded and the worker goes on.
+# A trial's own fault: it fails with the reason recorded, the worker goes on, and the slot is drawn anew.
 TRIAL_FAILURES = (TrainingDiverged, torch.OutOfMemoryError, ConfigError)
+# Not the trial's fault: it fails, its slot is queued again with the same parameters (the retry goes
+# on from its last checkpoint), and the worker stops.
+WORKER_STOPS = (KeyboardInterrupt, WriteError)
 IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
 
 
@@ -53,7 +62,7 @@ class Options:
 
     storage: str
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    out: str = "runs"  # run directories, one per trial
+    out: str = "runs"  # run directories, one per trial attempt
     artifacts: str = "hpo-artifacts"  # Optuna artifact store; shared storage for many machines
     skip_checks: bool = False
     heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
@@ -62,6 +71,14 @@ class Options:
     # Seconds between a trial's checkpoint (and history) writes: a retried trial redoes at most
     # this much. Writing every epoch costs more than a GPU epoch of the subset.
     checkpoint_every: float = CHECKPOINT_EVERY
+    # Trials that may fail on their own (NaN loss, OOM, invalid parameters) before the study stops
+    # drawing new ones; None: the larger of N and faults.MIN_FAILURE_BUDGET.
+    max_failures: int | None = None
+
+
+def say(message: str) -> None:
+    """A worker's own line on stderr, apart from the per-trial lines of Progress."""
+    print(f"hpo: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -97,86 +114,120 @@ def suggest(trial: optuna.trial.Trial, cfg: StudyConfig) -> dict[str, Any]:
     return out
 
 
-def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, device: torch.device,
-              opts: Options) -> None:
-    """Train one trial and tell the study how it ended. Early stopping completes the trial with
-    its best epoch (so it can be best); the comparative pruner prunes it."""
-    study = handle.study
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("hostname", platform.node())
-    trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
-    # A retried trial carries its first attempt's run directory: it goes on from its last epoch
-    # there (when this machine sees that directory: a shared filesystem across machines).
-    name = handle.cfg.study.name
-    run_dir = Path(trial.user_attrs.get("run_dir") or new_run_dir(Path(opts.out) / name, f"{name}-trial{trial.number}"))
+def _attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
+    """A run folder of this attempt's own: an attempt that stalled and woke up after its retry
+    started can never write over the retry's files. A retry starts from the checkpoints of the
+    attempt it takes over from (when this machine sees that folder: a shared filesystem)."""
+    run_dir = new_run_dir(out, f"{name}-trial{trial.number}")
+    previous = Path(trial.user_attrs.get("run_dir") or run_dir)
+    for file in ("best.pt", "last.pt"):  # in this order: last.pt never runs ahead of best.pt
+        if previous != run_dir and (previous / file).is_file():
+            with writing(run_dir / file):
+                shutil.copyfile(previous / file, run_dir / file)
     trial.set_user_attr("run_dir", str(run_dir))
-    history = resume_history(run_dir)
-    written = time.perf_counter()
+    return run_dir
 
-    def on_epoch(stats) -> str | None:
-        nonlocal written
-        history.append(dataclasses.asdict(stats))
-        trial.report(stats.val_acc, stats.epoch)  # every epoch: the pruner compares these
-        if time.perf_counter() - written >= opts.checkpoint_every:  # the dashboard's live curves
-            trial.set_user_attr("history", history)
-            written = time.perf_counter()
-        return "pruned" if trial.should_prune() else None
 
+def _train(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, device: torch.device,
+           opts: Options) -> tuple[TrialState, float | None, BaseException | None]:
+    """The trial's attempt, as the state to tell, its value, and the error it ended with. Errors
+    that leave nothing to tell with (the database, the trial taken over) propagate."""
+    name = handle.cfg.study.name
     try:
-        params = suggest(trial, handle.cfg)
-        cfg = handle.cfg.with_params(params)
+        trial.set_user_attr("device", str(device))
+        trial.set_user_attr("hostname", platform.node())
+        trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
+        run_dir = _attempt_dir(trial, Path(opts.out) / name, name)
+        history = resume_history(run_dir)
+        written = time.perf_counter()
+
+        def on_epoch(stats) -> str | None:
+            nonlocal written
+            history.append(dataclasses.asdict(stats))
+            trial.report(stats.val_acc, stats.epoch)  # every epoch: the pruner compares these
+            if time.perf_counter() - written >= opts.checkpoint_every:  # the dashboard's live curves
+                trial.set_user_attr("history", history)
+                written = time.perf_counter()
+            return "pruned" if trial.should_prune() else None
+
+        cfg = handle.cfg.with_params(suggest(trial, handle.cfg))
         result = train_run(cfg, device, run_dir.parent, data, on_epoch, log=None, run_dir=run_dir,
                            save_every=opts.checkpoint_every)
-    except TRIAL_FAILURES as e:
-        trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    except StorageUnavailable:  # no database to tell: the heartbeat's silence will fail the trial
+        artifact = store_artifact(opts.artifacts, result["checkpoint"], trial)
+        trial.set_user_attr("history", history)
+        for key in ("best_epoch", "epochs_run", "stop_reason", "seconds", "resumed_from_epoch"):
+            trial.set_user_attr(key, result[key])
+        trial.set_user_attr("checkpoint_artifact", artifact)
+    except (optuna.exceptions.UpdateFinishedTrialError, StorageError):
         raise
-    except BaseException as e:  # Ctrl-C, a bug: never leave the trial RUNNING
-        trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    store = optuna.artifacts.FileSystemArtifactStore(opts.artifacts)
-    artifact = optuna.artifacts.upload_artifact(artifact_store=store, file_path=result["checkpoint"],
-                                                study_or_trial=trial)
-    trial.set_user_attr("history", history)
-    for key in ("best_epoch", "epochs_run", "stop_reason", "seconds", "resumed_from_epoch"):
-        trial.set_user_attr(key, result[key])
-    trial.set_user_attr("checkpoint_artifact", artifact)
+    except BaseException as e:  # Ctrl-C and bugs too: the trial must never be left RUNNING
+        return TrialState.FAIL, None, e
     if result["stop_reason"] == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, result["best_val_acc"])
+        return TrialState.PRUNED, None, None
+    return TrialState.COMPLETE, result["best_val_acc"], None
 
 
-def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], None]) -> int:
+def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, device: torch.device,
+              opts: Options) -> TrialState | None:
+    """Train one trial and tell the study how it ended, in one place. Early stopping completes the
+    trial with its best epoch (so it can be best); the comparative pruner prunes it. Returns the
+    state told, or None when the trial was no longer this worker's: it stalled past the grace
+    period and another worker failed the trial and queued it again."""
+    try:
+        state, value, error = _train(handle, trial, data, device, opts)
+        if error is not None:
+            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}" if str(error)
+                                else type(error).__name__)
+        handle.study.tell(trial, value, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        say(f"trial {trial.number} was failed and queued again by another worker while this one was stalled "
+            f"(no heartbeat for over {handle.storage.grace_period}s); this attempt is dropped")
+        return None
+    if isinstance(error, WORKER_STOPS):
+        requeue(handle.storage, handle.study, handle.storage.get_trial(trial._trial_id))
+    if error is not None and not isinstance(error, TRIAL_FAILURES):
+        raise error
+    return state
+
+
+def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], TrialState | None],
+         max_failures: int | None = None) -> int:
     """Pop queued trials and ``run`` each (it must tell the study how the trial ended) under a
-    heartbeat, until the study holds N finished trials; returns how many ran here."""
-    ran, checked = 0, -float("inf")
+    heartbeat, until the study holds N finished trials; returns how many ran here. Raises
+    TooManyFailures once the study holds ``max_failures`` trials that failed on their own (see
+    faults.check_failure_budget)."""
+    check_failure_budget(handle, max_failures)
+    ran, reaped, waited_for = 0, -float("inf"), None
     while True:
-        # Dead workers' trials come back queued. They turn stale only after the grace period, so
-        # looking once a heartbeat interval is enough (and saves a query per trial).
-        if time.monotonic() - checked >= handle.storage.get_heartbeat_interval():
-            fail_stale_trials(handle.study)
-            checked = time.monotonic()
         popped = pop_waiting(handle)
         if popped is None:
             if top_up(handle):  # a failed trial left a gap
                 continue
-            if len(handle.trials(COUNTED)) >= handle.target or not handle.trials((TrialState.RUNNING,)):
+            running = [t.number for t in handle.trials((TrialState.RUNNING,))]
+            if len(handle.trials(COUNTED)) >= handle.target or not running:
                 return ran
+            if running != waited_for:  # say it once, not every poll
+                say(f"waiting for trial(s) {', '.join(map(str, running))}, RUNNING elsewhere; a trial without a "
+                    f"heartbeat for {handle.storage.grace_period}s is failed and queued again")
+                waited_for = running
+            # Trials that nobody runs any more come back queued. They count as such only after the
+            # grace period, so looking once a heartbeat interval is enough.
+            if time.monotonic() - reaped >= handle.storage.get_heartbeat_interval():
+                reap(handle)
+                reaped = time.monotonic()
+                continue
             time.sleep(IDLE_POLL)
             continue
         trial, trial_id = popped
         with heartbeat(handle.storage, trial_id):
-            run(trial)
+            state = run(trial)
         ran += 1
+        if state == TrialState.FAIL:
+            check_failure_budget(handle, max_failures)
 
 
 def _trainer(handle: StudyHandle, data: ImageData, device: torch.device,
-             opts: Options) -> Callable[[optuna.trial.Trial], None]:
-    Path(opts.artifacts).mkdir(parents=True, exist_ok=True)
+             opts: Options) -> Callable[[optuna.trial.Trial], TrialState | None]:
     return lambda trial: run_trial(handle, trial, data, device, opts)
 
 
@@ -187,57 +238,79 @@ def _devices(device: str, workers: int) -> list[str]:
     return [str(resolve_device(device))] * workers
 
 
+def _load_checked(cfg: StudyConfig) -> ImageData:
+    """The data, with the study's splits checked against it: bad data fails before the study is written."""
+    data = load_data(cfg.data.path)
+    make_splits(data.train_y, cfg.data)
+    return data
+
+
 def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, workers: int = 1,
               worker_args: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers.
     ``worker_args`` is how a worker process re-reads the same config (study file, --param, --data)."""
+    target = n_trials or cfg.study.n_trials
+    check_target(cfg, target)
+    devices = _devices(opts.device, workers)
+    data = _load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
                         db_timeout=opts.db_timeout)
-    set_target(handle, n_trials or cfg.study.n_trials)
-    devices = _devices(opts.device, workers)
-    data = load_data(cfg.data.path)
+    set_target(handle, target)
     gate(handle.study, cfg, data, resolve_device(devices[0]), skip=opts.skip_checks)
     top_up(handle)
     t0 = time.perf_counter()
     with Progress(handle, enabled=not quiet):
         if workers == 1:
-            work(handle, _trainer(handle, data, resolve_device(devices[0]), opts))
+            work(handle, _trainer(handle, data, resolve_device(devices[0]), opts), opts.max_failures)
         else:
-            _spawn(devices, opts, worker_args or [], handle.target)
+            failed = _spawn(devices, opts, worker_args or [], target)
+            check_failure_budget(handle, opts.max_failures)  # the reason the workers gave up, if so
+            if failed:
+                raise WorkersFailed(failed)
     return {"study": cfg.study.name, "storage": mask(opts.storage), "finished": len(handle.trials(COUNTED)),
             "failed": len(handle.trials((TrialState.FAIL,))), "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _spawn(devices: list[str], opts: Options, worker_args: list[str], target: int) -> None:
+def _spawn(devices: list[str], opts: Options, worker_args: list[str], target: int) -> str | None:
+    """Run one ``hpo worker`` process per device until all exit; returns what went wrong, if anything.
+    Each worker has a process group of its own, so a Ctrl-C (or a supervisor's SIGINT or SIGTERM)
+    reaches this process alone and is passed on once: a second one could cut a worker's cleanup short."""
     env = {**os.environ, "HPO_STORAGE": opts.storage}  # not argv: other users can read argv
     if all(d == "cpu" for d in devices):  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
+    budget = [] if opts.max_failures is None else ["--max-failures", str(opts.max_failures)]
     procs = [subprocess.Popen([sys.executable, "-m", "hpo.cli", "worker", *worker_args, "--device", d,
                                "--n-trials", str(target), "--out", opts.out, "--artifacts", opts.artifacts,
                                "--heartbeat", str(opts.heartbeat), "--grace", str(opts.grace),
                                "--db-timeout", str(opts.db_timeout), "--checkpoint-every", str(opts.checkpoint_every),
-                               "--quiet"], env=env)
+                               *budget, "--quiet"], env=env, process_group=0)
              for d in devices]
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:  # the workers got the same Ctrl-C; let them fail their trials
+    except KeyboardInterrupt:  # let the workers fail and queue again their trials, then stop
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
         for p in procs:
             p.wait()
         raise
-    if any(codes):
-        raise WorkersFailed(f"{sum(c != 0 for c in codes)} of {len(procs)} workers exited with an error "
-                            f"(exit codes {codes}); their messages are above")
+    if not any(codes):
+        return None
+    return (f"{sum(c != 0 for c in codes)} of {len(procs)} workers exited with an error "
+            f"(exit codes {codes}); their messages are above")
 
 
 def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
+    if n_trials:
+        check_target(cfg, n_trials)
+    device = resolve_device(opts.device)
+    data = _load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=False, heartbeat=opts.heartbeat, grace=opts.grace,
                         db_timeout=opts.db_timeout)
     if n_trials:
         set_target(handle, n_trials)
-    device = resolve_device(opts.device)
-    data = load_data(cfg.data.path)
     gate(handle.study, cfg, data, device, skip=opts.skip_checks)  # returns at once if it passed before
     with Progress(handle, enabled=not quiet):
-        ran = work(handle, _trainer(handle, data, device, opts))
+        ran = work(handle, _trainer(handle, data, device, opts), opts.max_failures)
     return {"study": cfg.study.name, "ran": ran, "finished": len(handle.trials(COUNTED))}

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -62,3 +63,31 @@ def test_bad_param_epochs_device_and_data(study_file, tmp_path):
     assert r.returncode == 2 and "no such study file" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
+
+
+def test_an_unreadable_study_file_is_one_line(study_file, tmp_path):
+    path = study_file()
+    path.chmod(0)
+    # root reads any file; without the capability to bypass permissions it is refused like anyone else
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    r = subprocess.run([*as_user, sys.executable, "-m", "hpo.cli", "train", str(path), "--out", str(tmp_path / "runs")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == f"hpo: {path}: cannot read the study file: Permission denied\n", r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_too_large_to_allocate_is_one_line(study_file, tmp_path):
+    r = hpo("train", study_file(), "--param", "model.hidden=1000000000000", "--out", tmp_path / "runs")
+    assert r.returncode == 2 and r.stderr == "hpo: model.hidden: must be <= 65536, got 1000000000000\n", r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_default_outputs_are_ignored_by_git(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text((Path(__file__).parents[1] / ".gitignore").read_text())
+    outputs = ["runs/s/x/best.pt", "hpo.db", "hpo.db-wal", "hpo.db-shm", "hpo.lock", "hpo-artifacts/a/b",
+               "report.html", "explore/explore.html"]
+    r = subprocess.run(["git", "check-ignore", *outputs], cwd=repo, capture_output=True, text=True)
+    assert r.stdout.split() == outputs

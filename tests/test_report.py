@@ -1,5 +1,6 @@
 """See it: explore, the study report, retrain, and optuna-dashboard in a real headless Chromium."""
 
+import io
 import json
 import shutil
 import socket
@@ -76,6 +77,19 @@ def test_the_study_report_has_every_figure(finished_study, tmp_path):
     assert page.count("Plotly.newPlot") == 6
 
 
+def test_retrain_without_a_completed_trial_is_one_line(study_file, tmp_path):
+    from hpo.config import load_study
+    from hpo.study import open_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_study(load_study(study_file(STUDY)), url, create=True)  # an hpo study with no trial yet
+    r = hpo_cli("retrain", "--study", "small", "--storage", url, "--device", "cpu", "--out", tmp_path / "r")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("hpo: study 'small' has no completed trial to retrain yet; finish some with `hpo run` "
+                        "first\n")
+    assert not (tmp_path / "r").exists()
+
+
 def test_retrain_trains_the_best_on_the_full_split_and_tests_once(finished_study, tmp_path):
     tmp, path, url = finished_study
     r = hpo_cli("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--out", tmp_path / "runs",
@@ -134,6 +148,14 @@ def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished
         text = page()
         assert "4 Trials" in text and all(f"Trial {i}" in text for i in range(4))
         WebDriverWait(browser, 30).until(lambda _: "best.pt" in page())  # the checkpoint artifact is listed
+        study = optuna.load_study(study_name="small", storage=url)
+        detail = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study._study_id}"))
+        assert detail["objective_names"] == ["val_acc"]  # axes say val_acc, not "Objective 0"
+        best = study.best_trial
+        served = urllib.request.urlopen(f"http://127.0.0.1:{port}/artifacts/{study._study_id}/{best._trial_id}/"
+                                        f"{best.user_attrs['checkpoint_artifact']}")
+        assert served.headers["Content-Type"] == "application/octet-stream"  # a download, whatever its name
+        assert load_checkpoint(io.BytesIO(served.read()))["epoch"] == best.user_attrs["best_epoch"]
     finally:
         if browser:
             browser.quit()

@@ -35,6 +35,14 @@ def test_a_failed_run_keeps_its_error(study_file, tmp_path):
     assert "TrainingDiverged" in json.loads((run_dir / "results.json").read_text())["error"]
 
 
+def test_an_allocation_failure_is_out_of_memory(study_file, tmp_path):
+    """What a trial counts as its own failure (torch raises a bare RuntimeError for the CPU allocator)."""
+    cfg = load_study(study_file())
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden=10**12))  # past validation's bound
+    with pytest.raises(torch.OutOfMemoryError, match="can't allocate memory.*; lower model.hidden"):
+        train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
+
+
 def test_a_copied_tree_takes_its_revision_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("HPO_GIT_REVISION", raising=False)
     assert git_revision() != "abc123"

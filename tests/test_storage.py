@@ -99,7 +99,8 @@ def test_a_study_with_another_config_is_refused_and_left_as_it_was(study_file, s
     before = [(t.number, t.state, t.params) for t in optuna.load_study(study_name="small", storage=storage_url).trials]
     attrs = optuna.load_study(study_name="small", storage=storage_url).user_attrs
     r = hpo_cli("run", path, *common, "--param", "train.batch_size=64")
-    assert r.returncode == 2 and "already exists with a different search space or config" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "made with another config (train.batch_size: 16 in the study, 64 in the file)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     study = optuna.load_study(study_name="small", storage=storage_url)
     assert [(t.number, t.state, t.params) for t in study.trials] == before and study.user_attrs == attrs

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -13,7 +14,7 @@ from conftest import hpo_cli
 from optuna.trial import TrialState
 
 from hpo.config import load_study
-from hpo.study import DRAW_ATTR, draw, open_study
+from hpo.study import DRAW_ATTR, StudyError, draw, open_study
 
 SEARCH = """augment = "none"
 [study]
@@ -37,7 +38,9 @@ def states(url: str, name: str = "small") -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("workers, n", [(2, 6), (4, 10)])
+# SQLite with 4 workers is test_storage.py's test_sqlite_takes_several_writers.
+@pytest.mark.parametrize("storage_url, workers, n", [("sqlite", 2, 6), ("postgresql", 2, 6), ("postgresql", 4, 10)],
+                         indirect=["storage_url"])
 def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n):
     path = study_file(SEARCH)
     r = hpo_cli("run", path, "--storage", storage_url, "--n-trials", n, "--workers", workers, "--device", "cpu",
@@ -159,20 +162,19 @@ epochs = 1
 
 
 def _mid_training(url: str) -> bool:
+    """A trial is RUNNING and has written its first checkpoint: an interrupt now leaves something to resume."""
     try:
-        return any(t.state == TrialState.RUNNING and t.user_attrs.get("history") for t in trials(url))
+        return any(t.state == TrialState.RUNNING and t.user_attrs.get("run_dir")
+                   and (Path(t.user_attrs["run_dir"]) / "last.pt").is_file() for t in trials(url))
     except KeyError:  # the study is not created yet
         return False
 
 
-def test_ctrl_c_fails_the_running_trial(study_file, tmp_path):
+def test_ctrl_c_queues_the_trial_again_and_a_rerun_resumes_it(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    path = study_file("[study]\nn_trials = 3\n[train]\nepochs = 400\n[search]\n'train.lr' = [0.001]")
-    # --checkpoint-every 0 writes the history every epoch, so a RUNNING trial with a history is one mid-training
-    # (at the default 10 s cadence a fast machine could finish all three before any history shows).
-    proc = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", str(path), "--storage", url, "--device", "cpu",
-                             "--skip-checks", "--checkpoint-every", "0", "--out", str(tmp_path / "r")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [sys.executable, "-m", "hpo.cli", "run", str(study_file(GRID)), "--storage", url, "--device", "cpu",
+            "--skip-checks", "--checkpoint-every", "0.25", "--out", str(tmp_path / "r")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not _mid_training(url):
         assert time.time() < deadline and proc.poll() is None, "no trial was seen mid-training"
@@ -183,6 +185,16 @@ def test_ctrl_c_fails_the_running_trial(study_file, tmp_path):
     assert "RUNNING" not in states(url) and states(url)["FAIL"] == 1
     (failed,) = [t for t in trials(url) if t.state == TrialState.FAIL]
     assert failed.user_attrs["fail_reason"] == "KeyboardInterrupt"
+    (retry,) = [t for t in trials(url) if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.state == TrialState.WAITING and retry.params == failed.params
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    done = [t for t in trials(url) if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["train.lr"] for t in done) == [0.0001, 0.001, 0.01]  # no grid point lost
+    (retry,) = [t for t in done if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.user_attrs["resumed_from_epoch"] >= 1  # from the interrupted attempt's last.pt
+    assert [h["epoch"] for h in retry.user_attrs["history"]] == list(range(1, 101))
 
 
 def test_a_study_name_with_another_config_is_refused(study_file, tmp_path):
@@ -190,8 +202,10 @@ def test_a_study_name_with_another_config_is_refused(study_file, tmp_path):
     cfg = load_study(study_file(SEARCH))
     open_study(cfg, url, create=True)
     other = load_study(study_file(SEARCH.replace("[0.01, 0.003, 0.001]", "[0.1]")))
-    with pytest.raises(Exception, match="already exists with a different search space"):
+    with pytest.raises(StudyError) as refused:
         open_study(other, url, create=True)
+    assert ('made with another config (search.train.lr: {"choices": [0.01, 0.003, 0.001]} in the study, '
+            '{"choices": [0.1]} in the file)') in str(refused.value)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -235,3 +249,118 @@ def test_eight_workers_a_hundred_trials_on_postgresql(study_file, postgres_url):
     assert sum(ran) == 100 and len(done) == 100 and all(t.state == TrialState.COMPLETE for t in done)
     assert sorted(t.number for t in done) == list(range(100))
     assert sorted(t.user_attrs[DRAW_ATTR] for t in done) == list(range(100))
+
+
+def _dump(url: str, name: str) -> list:
+    """Everything Optuna holds of a study: to compare before and after a command that must not write."""
+    study = optuna.load_study(study_name=name, storage=url)
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)  # no public reader
+    return [study.directions, study.user_attrs, system_attrs,
+            [(t.number, t.state, t.params, t.values, t.user_attrs, t.system_attrs) for t in study.trials]]
+
+
+def test_read_only_commands_use_the_study_s_own_config(study_file, tmp_path):
+    """The README's flow: run with --param, then best/report on the same file (or by name) read the study."""
+    storage_url = f"sqlite:///{tmp_path / 'study.db'}"  # the config is the study's, on any storage
+    path = study_file(SEARCH)
+    common = ["--storage", storage_url]
+    r = hpo_cli("run", path, *common, "--param", "train.epochs=2", "--device", "cpu", "--skip-checks",
+                "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    before = _dump(storage_url, "small")
+    best = hpo_cli("best", path, *common, "--json")  # the file says epochs = 1, the study 2
+    assert best.returncode == 0, best.stderr
+    by_name = hpo_cli("best", "--study", "small", *common, "--json")
+    assert by_name.returncode == 0 and by_name.stdout == best.stdout, by_name.stderr
+    assert json.loads(best.stdout.splitlines()[-1])["epochs_run"] == 2
+    report = hpo_cli("report", "--study", "small", *common, "--out", tmp_path / "report.html")
+    assert report.returncode == 0 and (tmp_path / "report.html").is_file(), report.stderr
+    assert _dump(storage_url, "small") == before  # read-only: nothing written
+
+    r = hpo_cli("run", path, *common, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "train.epochs: 2 in the study, 1 in the file" in r.stderr
+    missing = hpo_cli("best", "--study", "other", *common)
+    assert missing.returncode == 2 and "no study 'other'" in missing.stderr and "'small'" in missing.stderr
+    assert "study.name" not in missing.stderr  # a read-only command never asks for a rename
+    unnamed = hpo_cli("best", *common)
+    assert unnamed.returncode == 2 and "--study NAME" in unnamed.stderr
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_a_foreign_study_is_refused_and_left_as_it_was(study_file, tmp_path, direction):
+    storage_url = f"sqlite:///{tmp_path / 'study.db'}"  # what is refused is the study, on any storage
+    study = optuna.create_study(study_name="small", storage=storage_url, direction=direction)
+    study.optimize(lambda t: t.suggest_float("x", -3, 3) ** 2, n_trials=2)
+    before = _dump(storage_url, "small")
+    path = study_file(SEARCH)
+    commands = [["run", path, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r"], ["best", path]]
+    if direction == "minimize":  # every command, once
+        commands += [["worker", path, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r"],
+                     ["report", path, "--out", tmp_path / "report.html"],
+                     ["retrain", path, "--device", "cpu", "--out", tmp_path / "r"]]
+    for command in commands:
+        r = hpo_cli(*command, "--storage", storage_url)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (command, r.stderr)
+        assert "not made by hpo" in r.stderr or "direction MINIMIZE" in r.stderr, (command, r.stderr)
+        assert _dump(storage_url, "small") == before, command
+    assert not (tmp_path / "r").exists() and not (tmp_path / "report.html").exists()
+
+
+def test_the_study_names_its_metric_and_gives_a_dataframe(study_file, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    r = hpo_cli("run", study_file(SEARCH), "--storage", url, "--n-trials", 2, "--device", "cpu", "--skip-checks",
+                "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="small", storage=url)
+    assert study.metric_names == ["val_acc"]  # what optuna-dashboard labels its axes with
+    frame = study.trials_dataframe()  # needs pandas: the 'dataframe' extra
+    assert list(frame["state"]) == ["COMPLETE"] * 2 and "value_val_acc" in frame.columns
+    assert "params_train.lr" in frame.columns and "user_attrs_best_epoch" in frame.columns
+
+
+OPEN = """
+import sys, time
+from hpo.config import load_study
+from hpo.study import open_study
+cfg = load_study(sys.argv[2])
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+open_study(cfg, sys.argv[1], create=True)
+"""
+
+
+def test_runs_started_at_the_same_instant_all_join_one_study(study_file, postgres_url):
+    path = study_file(SEARCH)
+    at = time.time() + 4  # after every process has imported hpo
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN, postgres_url, str(path), str(at)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    assert optuna.get_all_study_names(postgres_url) == ["small"]
+    assert optuna.load_study(study_name="small", storage=postgres_url).user_attrs["hpo:config"]
+
+
+GRID = """augment = "none"
+[study]
+sampler = "grid"
+n_trials = 3
+[train]
+epochs = 100
+[search]
+"train.lr" = [0.01, 0.001, 0.0001]
+"""
+
+
+def test_validation_comes_before_anything_is_written(study_file, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r"]
+    for args, message in ((["--n-trials", 4], "--n-trials 4: the grid has only 3 points"),
+                          (["--data", tmp_path / "nowhere"], "no such folder"),
+                          (["--param", "data.train_size=1000"], "exceeds the 1000 training images"),
+                          (["--param", "model.hidden=1000000000000"], "model.hidden: must be <= 65536"),
+                          (["--db-timeout", "-5"], "--db-timeout must be 0"),
+                          (["--max-failures", "0"], "--max-failures must be a positive integer")):
+        r = hpo_cli("run", study_file(GRID), *common, *args)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "study.db").exists() or optuna.get_all_study_names(url) == [], args
+    assert not (tmp_path / "r").exists()

@@ -1,10 +1,11 @@
 """Workers that die: SIGKILL mid-trial, and the trial comes back and resumes from its checkpoint."""
 
-import os
+import json
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 from conftest import FULL_DATA, hpo_cli
@@ -54,7 +55,72 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, stor
     assert resumed >= 5  # went on from the last epoch checkpoint, not from scratch
     history = retry.user_attrs["history"]
     assert [h["epoch"] for h in history] == list(range(1, 61))  # the whole run, once
-    assert retry.user_attrs["run_dir"] == trials[killed].user_attrs["run_dir"]
+    assert retry.user_attrs["run_dir"] != trials[killed].user_attrs["run_dir"]  # each attempt has its own folder
     print(f"killed trial {killed} at epoch >= 5; retry {retry.number} resumed from epoch {resumed}; "
           f"val_acc by epoch: {[round(h['val_acc'], 3) for h in history[:resumed + 3]]}...")
-    assert os.path.isfile(os.path.join(retry.user_attrs["run_dir"], "last.pt"))
+    results = json.loads((Path(retry.user_attrs["run_dir"]) / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == list(range(1, 61))
+
+
+def _running(url: str, epochs: int) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return [t for t in optuna.load_study(study_name="small", storage=url).trials
+                if t.state == TrialState.RUNNING and len(t.user_attrs.get("history", [])) >= epochs]
+    except KeyError:  # no study yet
+        return []
+
+
+def test_a_stalled_worker_that_wakes_up_drops_its_attempt(study_file, postgres_url, tmp_path):
+    """SIGSTOP past the grace period: another worker fails the trial and runs it again; on SIGCONT the stalled
+    worker finds it lost the trial, says so in one line, and leaves the retry's files alone."""
+    storage_url = postgres_url  # many machines: where a worker stalls, and is taken for dead
+    path = study_file(LONG.replace("n_trials = 2", "n_trials = 1"), data=FULL_DATA)
+    common = [str(path), "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", str(tmp_path / "r"),
+              "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3", "--checkpoint-every", "0"]
+    stalled = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *common], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _running(storage_url, 5):
+        assert time.time() < deadline and stalled.poll() is None, "no trial was seen mid-training"
+        time.sleep(0.2)
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        r = hpo_cli("worker", *common)  # fails the silent trial after the grace period, runs it again
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    _, err = stalled.communicate(timeout=120)
+    assert stalled.returncode == 0, err
+    assert err.strip().splitlines() == [
+        "hpo: trial 0 was failed and queued again by another worker while this one was stalled "
+        "(no heartbeat for over 3s); this attempt is dropped"]
+    trials = optuna.load_study(study_name="small", storage=storage_url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    retry = trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["run_dir"] != trials[0].user_attrs["run_dir"]
+    results = json.loads((Path(retry.user_attrs["run_dir"]) / "results.json").read_text())
+    assert results["best_val_acc"] == retry.value and len(results["history"]) == 60
+
+
+def test_sigint_to_the_parent_alone_stops_its_workers(study_file, tmp_path):
+    """A supervisor signals `hpo run --workers 2` alone, not its process group: the workers stop too."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    path = study_file(LONG.replace("n_trials = 2", "n_trials = 6"), data=FULL_DATA)
+    run = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", str(path), "--storage", url, "--workers", "2",
+                            "--device", "cpu", "--skip-checks", "--out", str(tmp_path / "r"), "--checkpoint-every", "0",
+                            "--artifacts", str(tmp_path / "a")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)  # so that the signal reaches it alone
+    deadline = time.time() + 120
+    while not _running(url, 3):
+        assert time.time() < deadline and run.poll() is None, "no trial was seen mid-training"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    trials = optuna.load_study(study_name="small", storage=url).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted and all(t.user_attrs["fail_reason"] == "KeyboardInterrupt" for t in interrupted)
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) < 6  # the workers did not go on
+    retried = {t.user_attrs.get("retry_of") for t in trials if t.state == TrialState.WAITING}
+    assert {t.number for t in interrupted} <= retried

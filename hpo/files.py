@@ -1,0 +1,55 @@
+"""Files written whole or not at all: a reader, or a crash, never sees half a file, and a full disk
+or a read-only folder is one error that names the file (``WriteError``) rather than a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import optuna
+
+
+class WriteError(RuntimeError):
+    """A file or folder could not be written; the message names it and says why."""
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn an OSError raised while the body writes ``path`` into a WriteError naming it."""
+    try:
+        yield
+    except OSError as e:
+        why = (e.strerror or type(e).__name__).lower()  # "no space left on device", "read-only file system"
+        raise WriteError(f"{why} writing {path}") from None
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``; on any
+    failure the temporary file is removed and ``path`` keeps what it had."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def store_artifact(store: Path | str, path: Path | str, owner: optuna.Study | optuna.trial.BaseTrial) -> str:
+    """Upload ``path`` into the Optuna artifact folder ``store`` for a study or trial; returns the
+    artifact id. Served as a download (the dashboard would guess a type from the file name)."""
+    import optuna
+
+    with writing(store):
+        Path(store).mkdir(parents=True, exist_ok=True)
+        return optuna.artifacts.upload_artifact(artifact_store=optuna.artifacts.FileSystemArtifactStore(str(store)),
+                                                file_path=str(path), study_or_trial=owner,
+                                                mimetype="application/octet-stream")
