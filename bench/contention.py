@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "torch's defaults (all cores, OpenMP spins before it sleeps)": {"OMP_WAIT_POLICY": ""},
     "all cores, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "all cores, GOMP_SPINCOUNT=10000 (spin briefly, then sleep)": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"},
     "1 thread": {"OMP_WAIT_POLICY": "", "OMP_NUM_THREADS": "1"},
     "1 thread, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
     "hpo's defaults (nothing set)": {},
@@ -39,7 +40,7 @@ SPIN = "import time\nend = time.time() + 600\nwhile time.time() < end: pass\n"
 def train(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "hpo.cli", "train", str(ROOT / "studies" / "recipe-baseline.toml"), "--data",
            args.data, "--epochs", str(args.epochs), "--device", "cpu", "--out", str(tmp), "--json"]
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     return subprocess.Popen(cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -70,13 +71,15 @@ def main() -> None:
     ap.add_argument("--data", default="cifar10")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--settings", nargs="+", type=int, metavar="I", help="only these rows of SETTINGS (0-based)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    settings = {k: v for i, (k, v) in enumerate(SETTINGS.items()) if args.settings is None or i in args.settings}
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "hpo-contention-runs"
     scenarios = ("alone", "pair", "beside a busy process")
-    times: dict[str, dict[str, list[float]]] = {s: {c: [] for c in scenarios} for s in SETTINGS}
+    times: dict[str, dict[str, list[float]]] = {s: {c: [] for c in scenarios} for s in settings}
     for repeat in range(args.repeats):  # interleaved: the machine's neighbours drift over minutes
-        for setting, env in SETTINGS.items():
+        for setting, env in settings.items():
             for name in scenarios:
                 times[setting][name] += scenario(name, args, env, tmp)
                 print(f"repeat {repeat + 1} {setting} / {name}: {times[setting][name][-1]:.2f}s", flush=True)

@@ -7,6 +7,14 @@ studies whose trials keep failing, ``files`` writes files whole or not at all, `
 and studies, ``retrain`` is the recipe's last step, ``cli`` is the ``hpo`` command.
 """
 
+# ruff: noqa: E402  (the environment must be set before torch, imported below, loads OpenMP)
+import os
+
+# OpenMP threads waiting for work sleep instead of spinning: spinning threads of two processes on the
+# same cores starve each other, 10x slower each on 2 cores (bench/results/contention-cpu.md), and a
+# lone process loses nothing. A value set by the user wins; it only acts if torch is not loaded yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
 from hpo.checks import CheckReport, GateFailed, gate, run_checks
 from hpo.config import ConfigError, StudyConfig, load_study
