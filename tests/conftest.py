@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -150,3 +151,12 @@ def hpo_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProce
     """``hpo`` as a user runs it: a real process."""
     return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=timeout)
+
+
+def first_checkpoint(out: Path, proc: subprocess.Popen) -> None:
+    """Until a trial under ``out`` has written its first last.pt: mid-training, with something to resume.
+    The files, not the database, are watched: a poll must be quick, or the trials end before it sees one."""
+    deadline = time.time() + 120
+    while not list(out.glob("*/*/last.pt")):
+        assert time.time() < deadline and proc.poll() is None, "no trial was seen mid-training"
+        time.sleep(0.05)

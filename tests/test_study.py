@@ -6,11 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
-from conftest import hpo_cli
+from conftest import first_checkpoint, hpo_cli
 from optuna.trial import TrialState
 
 from hpo.config import load_study
@@ -161,24 +160,12 @@ epochs = 1
     assert all(t.params == {"data.subset_size": 700} for t in failed)
 
 
-def _mid_training(url: str) -> bool:
-    """A trial is RUNNING and has written its first checkpoint: an interrupt now leaves something to resume."""
-    try:
-        return any(t.state == TrialState.RUNNING and t.user_attrs.get("run_dir")
-                   and (Path(t.user_attrs["run_dir"]) / "last.pt").is_file() for t in trials(url))
-    except KeyError:  # the study is not created yet
-        return False
-
-
 def test_ctrl_c_queues_the_trial_again_and_a_rerun_resumes_it(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     args = [sys.executable, "-m", "hpo.cli", "run", str(study_file(GRID)), "--storage", url, "--device", "cpu",
             "--skip-checks", "--checkpoint-every", "0.25", "--out", str(tmp_path / "r")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _mid_training(url):
-        assert time.time() < deadline and proc.poll() is None, "no trial was seen mid-training"
-        time.sleep(0.5)
+    first_checkpoint(tmp_path / "r", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
