@@ -30,6 +30,7 @@ SETTINGS = {
     "torch's defaults (all cores, OpenMP spins before it sleeps)": {"OMP_WAIT_POLICY": ""},
     "all cores, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "all cores, GOMP_SPINCOUNT=10000 (spin briefly, then sleep)": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"},
+    "all cores, GOMP_SPINCOUNT=1000": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "1000"},
     "1 thread": {"OMP_WAIT_POLICY": "", "OMP_NUM_THREADS": "1"},
     "1 thread, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
     "hpo's defaults (nothing set)": {},

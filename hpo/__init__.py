@@ -10,10 +10,13 @@ and studies, ``retrain`` is the recipe's last step, ``cli`` is the ``hpo`` comma
 # ruff: noqa: E402  (the environment must be set before torch, imported below, loads OpenMP)
 import os
 
-# OpenMP threads waiting for work sleep instead of spinning: spinning threads of two processes on the
-# same cores starve each other, 10x slower each on 2 cores (bench/results/contention-cpu.md), and a
-# lone process loses nothing. A value set by the user wins; it only acts if torch is not loaded yet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads waiting for work spin for 1,000 rounds, not libgomp's 300,000, then sleep: spinning
+# threads of two processes on the same cores starve each other (a pair of `hpo train` on 2 cores: 68.5 s
+# each instead of 5.4 s), while a lone run keeps its speed (sleeping at once, OMP_WAIT_POLICY=PASSIVE,
+# made the gate's checks 2x slower). bench/results/contention-cpu*.md. The user's own settings win;
+# this only acts if torch is not loaded yet.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
 from hpo.checks import CheckReport, GateFailed, gate, run_checks
