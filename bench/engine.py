@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import recipe_loop  # noqa: E402
 
 from hpo import build_model, fit, load_data, load_study, make_augment, recipe_pipeline, resolve_device  # noqa: E402
 from hpo.config import DataConfig, ModelConfig, TrainConfig, parse_override  # noqa: E402
-from hpo.data import make_splits, to_device  # noqa: E402
+from hpo.data import TrainVal, make_splits, to_device  # noqa: E402
 from hpo.runs import git_revision  # noqa: E402
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "recipe-random-search.toml"
@@ -97,8 +96,7 @@ def main() -> None:
             for loop, graphs in loops.items():
                 torch.manual_seed(0)
                 model = build_model(ModelConfig(batch_norm=bn)).to(device)
-                with tempfile.TemporaryDirectory() as tmp:
-                    ours = fit(model, train, val, cfg, make_augment(aug), Path(tmp) / "best.pt", cuda_graphs=graphs)
+                ours = fit(model, TrainVal(train, val), cfg, make_augment(aug), cuda_graphs=graphs)
                 got[loop] = (ours.train_samples_per_s, ours.best_val_acc)
             for k, (rate, acc) in got.items():
                 if rep:

@@ -1,10 +1,12 @@
 """hpo: hyperparameter search on Optuna that follows the recipe for training neural networks.
 
 The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
-``runs`` records one training run, ``config`` reads study files, ``storage`` opens the database,
-``worker`` runs trials and ``progress`` shows them, ``faults`` handles trials that nobody runs and
-studies whose trials keep failing, ``files`` writes files whole or not at all, ``report`` draws data
-and studies, ``retrain`` is the recipe's last step, ``cli`` is the ``hpo`` command.
+``runs`` records one training run and its checkpoints, ``config`` reads study files and ``space``
+their search space, ``storage`` opens the database, ``runner`` turns how a trial ended into the one
+state told, ``worker`` pops and runs trials and ``progress`` shows them, ``faults`` handles trials
+that nobody runs and studies whose trials keep failing, ``files`` writes files whole or not at
+all, ``report`` draws data and studies, ``retrain`` is the recipe's last step, ``exits`` says how a
+command ends, ``cli`` is the ``hpo`` command.
 """
 
 # ruff: noqa: E402  (the environment must be set before torch, imported below, loads OpenMP)
@@ -21,23 +23,26 @@ if "OMP_WAIT_POLICY" not in os.environ:
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
 from hpo.checks import CheckReport, GateFailed, gate, run_checks
 from hpo.config import ConfigError, StudyConfig, load_study
-from hpo.data import DataError, ImageData, load_data, make_splits, synthetic, training_splits
+from hpo.data import DataError, ImageData, TrainVal, load_data, make_splits, synthetic, training_splits
 from hpo.faults import TooManyFailures
 from hpo.files import WriteError
 from hpo.models import build_model
 from hpo.report import explore, study_report
-from hpo.retrain import retrain
-from hpo.runs import train_run
+from hpo.retrain import RetrainResult, retrain
+from hpo.runner import Attempt, Outcome
+from hpo.runs import Checkpoints, RunSummary, load_checkpoint, train_run
+from hpo.space import Categorical, Distribution, Range
 from hpo.storage import DEFAULT_STORAGE
 from hpo.study import StudyError, best_trial, open_study, read_study
-from hpo.train import EpochStats, FitResult, TrainingDiverged, fit, load_checkpoint, resolve_device
+from hpo.train import EpochStats, FitResult, LoopState, Stop, TrainingDiverged, fit, resolve_device
 from hpo.worker import Options, join_study, run_study
 
 __all__ = [
-    "DEFAULT_STORAGE", "CheckReport", "ConfigError", "DataError", "EpochStats", "FitResult", "GateFailed",
-    "ImageData", "Options", "StudyConfig", "StudyError", "TooManyFailures", "TrainingDiverged", "WriteError",
-    "best_trial", "build_model", "explore", "fit",
-    "gate", "join_study", "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study",
-    "read_study", "recipe_on_device", "recipe_pipeline", "resolve_device", "retrain", "run_checks", "run_study",
-    "study_report", "synthetic", "train_run", "training_splits",
+    "DEFAULT_STORAGE", "Attempt", "Categorical", "CheckReport", "Checkpoints", "ConfigError", "DataError",
+    "Distribution", "EpochStats", "FitResult", "GateFailed", "ImageData", "LoopState", "Options", "Outcome", "Range",
+    "RetrainResult", "RunSummary", "Stop", "StudyConfig", "StudyError", "TooManyFailures", "TrainVal",
+    "TrainingDiverged", "WriteError", "best_trial", "build_model", "explore", "fit", "gate", "join_study",
+    "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study", "read_study",
+    "recipe_on_device", "recipe_pipeline", "resolve_device", "retrain", "run_checks", "run_study", "study_report",
+    "synthetic", "train_run", "training_splits",
 ]

@@ -13,6 +13,7 @@ import functools
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,14 +163,38 @@ class PipelineAugment:
             yield normalize(x.to(data.x.device, non_blocking=True)), data.y[idx.to(data.y.device)]
 
 
-def make_augment(spec: str, workers: int = 2) -> DeviceAugment | PipelineAugment:
+def _load_pipeline(path: Path):
+    import albumentations as A  # only when a file is given: the import is slow
+
+    return A.load(str(path), data_format="yaml" if path.suffix in (".yaml", ".yml") else "json")
+
+
+def check_augment(value: Any, base: Path) -> tuple[str, str | None]:
+    """A study file's ``augment`` (a pipeline file's path taken from ``base``), as the config keeps
+    it, and the problem with it or None."""
+    if not isinstance(value, str):
+        return "none", f"augment: must be a string, got {value!r}"
+    if value in ("none", "recipe"):
+        return value, None
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        return "none", f"augment: must be 'none', 'recipe' or an albumentations .json/.yaml file, got {value!r}"
+    if not path.is_file():
+        return "none", f"augment: no albumentations pipeline file at {path}"
+    try:
+        _load_pipeline(path)
+    except Exception as e:  # albumentations raises many types for a bad file
+        return "none", f"augment: {path} is not an albumentations pipeline: {type(e).__name__}: {e}"
+    return str(path.resolve()), None  # absolute: stays valid when re-validated from elsewhere
+
+
+Augment = DeviceAugment | PipelineAugment  # what turns a train split into batches
+
+
+def make_augment(spec: str, workers: int = 2) -> Augment:
     """``none``, ``recipe`` (batched on the device) or an albumentations file (CPU workers)."""
     if spec == "none":
         return DeviceAugment()
     if spec == "recipe":
         return DeviceAugment(recipe_on_device)
-    import albumentations as A
-
-    path = Path(spec)
-    return PipelineAugment(A.load(str(path), data_format="yaml" if path.suffix in (".yaml", ".yml") else "json"),
-                           workers)
+    return PipelineAugment(_load_pipeline(Path(spec)), workers)

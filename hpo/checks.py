@@ -10,13 +10,12 @@ real engine (``fit``) with the study's optimizer and lr, so a broken loop fails 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,9 +24,9 @@ from torch import nn
 
 from hpo.augment import make_augment
 from hpo.config import StudyConfig
-from hpo.data import DeviceSplit, ImageData, Splits, make_splits, normalize, to_device
+from hpo.data import DeviceSplit, ImageData, Splits, TrainVal, make_splits, normalize, to_device
 from hpo.models import build_model
-from hpo.train import fit
+from hpo.train import Stop, fit
 
 if TYPE_CHECKING:
     import optuna
@@ -72,6 +71,17 @@ class CheckReport:
         return {"passed": self.passed, "checks": [dataclasses.asdict(c) for c in self.checks],
                 "warnings": list(self.warnings)}
 
+    def lines(self) -> list[str]:
+        """The table ``hpo check`` prints: a row per check, the detail of a failed one, warnings, verdict."""
+        out = [f"{'check':<28} {'result':<6} {'value':<44} {'threshold':<46} seconds"]
+        for c in self.checks:
+            value = json.dumps(c.value) if isinstance(c.value, (dict, list)) else str(c.value)
+            verdict = "pass" if c.passed else "FAIL"
+            out.append(f"{c.name:<28} {verdict:<6} {value:<44} {c.threshold:<46} {c.seconds:.2f}")
+            out += [f"    {c.detail}"] if c.detail and not c.passed else []
+        out += [f"warning: {w}" for w in self.warnings]
+        return [*out, "all checks passed" if self.passed else f"failed: {', '.join(self.failed())}"]
+
 
 @dataclass
 class _Context:
@@ -80,7 +90,6 @@ class _Context:
     splits: Splits
     device: torch.device
     model_fn: Callable[[], nn.Module]
-    tmp: Path
     warnings: list[str] = field(default_factory=list)
 
     def split(self, idx: np.ndarray, zero: bool = False) -> DeviceSplit:
@@ -177,12 +186,11 @@ def _memorize(ctx: _Context, name: str, idx: np.ndarray, max_epochs: int, done: 
         model = _batch_norm_from_running_stats(model)
     cfg = dataclasses.replace(ctx.cfg.train, batch_size=len(idx), epochs=max_epochs, patience=0, step_size=0)
     try:
-        result = fit(model, split, split, cfg, make_augment("none"), ctx.tmp / f"{name}.pt",
-                     on_epoch=lambda s: "done" if done(s) else None)
+        result = fit(model, TrainVal(split, split), cfg, make_augment("none"), on_epoch=done)
     except RuntimeError as e:  # e.g. nothing requires grad: backward() refuses
         return Check(name, False, None, threshold, time.perf_counter() - t0, f"training failed: {e}")
     last = result.history[-1]
-    ok = result.stop_reason == "done"
+    ok = result.stop == Stop.REQUESTED
     detail = "" if ok else (f"after {max_epochs} steps loss {last.loss:.4f}, acc {last.acc:.3f}: "
                             "check the optimizer, the lr and that parameters are trainable")
     return Check(name, ok, result.epochs_run if ok else None, threshold, time.perf_counter() - t0, detail)
@@ -206,8 +214,8 @@ def check_baselines(ctx: _Context) -> list[Check]:
     def accuracy(zero: bool, augment: str) -> float:
         torch.manual_seed(cfg.seed)
         model = ctx.model_fn().to(ctx.device)
-        return fit(model, ctx.split(train_idx, zero), ctx.split(val_idx, zero), cfg, make_augment(augment),
-                   ctx.tmp / "baseline.pt").best_val_acc
+        data = TrainVal(ctx.split(train_idx, zero), ctx.split(val_idx, zero))
+        return fit(model, data, cfg, make_augment(augment)).best_val_acc
 
     t0 = time.perf_counter()
     try:
@@ -239,17 +247,16 @@ def run_checks(cfg: StudyConfig, data: ImageData, device: torch.device, splits: 
     splits = splits if splits is not None else make_splits(data.train_y, cfg.data)
     in_features = int(np.prod(data.train_x.shape[1:]))
     model_fn = model_fn or (lambda: build_model(cfg.model, in_features, len(data.classes)))
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = _Context(cfg, data, splits, device, model_fn, Path(tmp))
-        t0 = time.perf_counter()
-        checks = [dataclasses.replace(check_data(ctx), seconds=time.perf_counter() - t0)]
-        checks += check_output_and_init(ctx)
-        if checks[-1].name == "output_shape":  # nothing can train on a wrong shape
-            names = ("loss_at_init", "fit_one_sample", "fit_one_batch", "input_independent_baseline", "augmentation")
-            checks += [Check(n, False, None, "", 0.0, "not run: output_shape failed") for n in names]
-        else:
-            checks += [check_fit_one_sample(ctx), check_fit_one_batch(ctx), *check_baselines(ctx)]
-        return CheckReport(tuple(checks), tuple(ctx.warnings))
+    ctx = _Context(cfg, data, splits, device, model_fn)
+    t0 = time.perf_counter()
+    checks = [dataclasses.replace(check_data(ctx), seconds=time.perf_counter() - t0)]
+    checks += check_output_and_init(ctx)
+    if checks[-1].name == "output_shape":  # nothing can train on a wrong shape
+        names = ("loss_at_init", "fit_one_sample", "fit_one_batch", "input_independent_baseline", "augmentation")
+        checks += [Check(n, False, None, "", 0.0, "not run: output_shape failed") for n in names]
+    else:
+        checks += [check_fit_one_sample(ctx), check_fit_one_batch(ctx), *check_baselines(ctx)]
+    return CheckReport(tuple(checks), tuple(ctx.warnings))
 
 
 # --- the gate a study passes before its first trial -------------------------------------------

@@ -1,42 +1,17 @@
-"""``hpo``: a thin shell. argparse -> typed config -> library call; errors are one line, exit 2."""
+"""``hpo``: a thin shell. argparse -> typed config -> library call; errors are one line (hpo.exits)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from hpo.checks import GateFailed
-from hpo.config import ConfigError, StudyConfig, apply_overrides, load_study, parse_override, validate
-from hpo.data import DataError
-from hpo.faults import TooManyFailures
-from hpo.files import WriteError
-from hpo.storage import (
-    CHECKPOINT_EVERY,
-    DB_TIMEOUT,
-    DEFAULT_STORAGE,
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
-    DatabaseError,
-    StorageError,
-    StorageUnavailable,
-)
-from hpo.study import StudyError
-from hpo.train import TrainingDiverged
-from hpo.worker import WorkersFailed
-
-EXIT_BAD_INPUT = 2
-EXIT_CHECKS_FAILED = 3
-EXIT_STORAGE_LOST = 4
-EXIT_CANNOT_WRITE = 5
-
-
-class UsageError(Exception):
-    """Bad input from the command line; the message is the one line the user sees."""
+from hpo.config import StudyConfig, apply_overrides, load_study, parse_override, validate
+from hpo.exits import EXIT_CHECKS_FAILED, UsageError, run_command
+from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,16 +39,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args, {"train.epochs": args.epochs} if args.epochs is not None else None)
     summary = train_run(cfg, _device(args.device), Path(args.out))
-    print(f"best val_acc {summary['best_val_acc']:.5f} at epoch {summary['best_epoch']} of "
-          f"{summary['epochs_run']} ({summary['stop_reason']}), {summary['seconds']:.1f}s in fit, "
-          f"{summary['train_samples_per_s']:.0f} train samples/s; checkpoint {summary['checkpoint']}")
+    print(summary.line())
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary.to_dict()))
     return 0
-
-
-def _short(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -83,15 +52,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _config(args)
     device = _device(args.device)
     report = run_checks(cfg, load_data(cfg.data.path), device)
-    print(f"{'check':<28} {'result':<6} {'value':<44} {'threshold':<46} seconds")
-    for c in report.checks:
-        print(f"{c.name:<28} {'pass' if c.passed else 'FAIL':<6} {_short(c.value):<44} {c.threshold:<46} "
-              f"{c.seconds:.2f}")
-        if c.detail and not c.passed:
-            print(f"    {c.detail}")
-    for w in report.warnings:
-        print(f"warning: {w}")
-    print("all checks passed" if report.passed else f"failed: {', '.join(report.failed())}")
+    print("\n".join(report.lines()))
     if args.json:
         print(json.dumps(report.to_dict()))
     return 0 if report.passed else EXIT_CHECKS_FAILED
@@ -138,19 +99,15 @@ def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> i
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hpo.study import read_study
     from hpo.worker import run_study
 
     _positive("--workers", args.workers)
     opts = _options(args)
-    worker_args = [args.study, *(f"--param={p}" for p in args.param)]
-    worker_args += [f"--data={args.data}"] if args.data else []
-    worker_args += ["--skip-checks"] if args.skip_checks else []
     cfg = _config(args)
-    result = run_study(cfg, opts, args.n_trials, args.workers, worker_args, quiet=args.quiet)
+    result = run_study(cfg, opts, args.n_trials, args.workers, quiet=args.quiet)
     print(f"study {result['study']}: {result['finished']} finished, {result['failed']} failed, "
           f"{result['wall_seconds']:.1f}s, storage {result['storage']}")
-    from hpo.study import read_study
-
     return _print_best(read_study(opts.storage, cfg.study.name), args.json, result)
 
 
@@ -185,25 +142,16 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def _explore_config(args: argparse.Namespace) -> StudyConfig:
     """``hpo explore`` takes the study file optionally: without one, the defaults."""
-    if args.study:
-        return _config(args)
-    overrides = dict(parse_override(p) for p in args.param) | ({"data.path": args.data} if args.data else {})
-    return validate(apply_overrides({}, overrides), Path("explore.toml"))
+    return _config(args) if args.study else validate(apply_overrides({}, _overrides(args)), Path("explore.toml"))
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from hpo.data import load_data
-    from hpo.report import explore
+    from hpo.report import explore, explore_lines
 
     cfg = _explore_config(args)
     stats = explore(load_data(cfg.data.path), cfg.data, Path(args.out))
-    s = stats["pixel_stats_train_split"]
-    print(f"{stats['problem']}, {stats['num_classes']} classes; images {stats['channels']} channels "
-          f"{stats['resolution'][0]}x{stats['resolution'][1]} {stats['dtype']}")
-    for split, counts in stats["class_counts"].items():
-        print(f"{split:<19} {sum(counts):>6} images, per class {counts} "
-              f"({'balanced' if stats['balanced'][split] else 'UNBALANCED'})")
-    print(f"train split: min {s['min']} max {s['max']} mean {s['mean']} std {s['std']}")
+    print("\n".join(explore_lines(stats)))
     print(f"report: {Path(args.out) / 'explore.html'}, numbers: {Path(args.out) / 'explore.json'}")
     if args.json:
         print(json.dumps(stats))
@@ -249,11 +197,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if overrides:
         handle = dataclasses.replace(handle, cfg=handle.cfg.with_params(overrides))
     result = retrain(handle, device, Path(args.out), Path(args.artifacts), args.epochs)
-    print(f"retrained trial {result['from_trial']} on the full split: val_acc {result['val_acc']:.4f}, "
-          f"test_acc {result['test_acc']:.4f} after {result['epochs_run']} epochs ({result['stop_reason']}); "
-          f"model {result['checkpoint']}, study artifact {result['artifact']}")
+    print(result.line())
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
     return 0
 
 
@@ -341,46 +287,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum: int, _frame) -> None:
-    raise KeyboardInterrupt  # a supervisor's SIGTERM ends a run as Ctrl-C does: trials failed and queued again
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import optuna
-    import torch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # hpo prints its own lines
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        for line in e.problems:
-            print(f"hpo: {line}", file=sys.stderr)
-    except (StorageUnavailable, DatabaseError) as e:
-        print(f"hpo: {e}", file=sys.stderr)
-        return EXIT_STORAGE_LOST
-    except GateFailed as e:
-        print(f"hpo: {e}", file=sys.stderr)
-        return EXIT_CHECKS_FAILED
-    except WriteError as e:
-        print(f"hpo: {e}", file=sys.stderr)
-        return EXIT_CANNOT_WRITE
-    except (DataError, UsageError, StorageError, StudyError) as e:
-        print(f"hpo: {e}", file=sys.stderr)
-    except (WorkersFailed, TooManyFailures) as e:
-        print(f"hpo: {e}", file=sys.stderr)
-        return 1
-    except TrainingDiverged as e:
-        print(f"hpo: training diverged: {e}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError as e:
-        print(f"hpo: out of memory: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("hpo: interrupted", file=sys.stderr)
-        return 130
-    return EXIT_BAD_INPUT
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Everything after :func:`load_study` trusts these objects: the checks live here o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import tomllib
@@ -25,6 +26,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from hpo import space
+from hpo.augment import check_augment
+from hpo.space import Distribution
 
 
 class ConfigError(ValueError):
@@ -90,25 +95,6 @@ class TrainConfig:
     seed: int = 0  # model init, shuffling and augmentation
 
 
-@dataclass(frozen=True)
-class Categorical:
-    """A searched key that takes one of ``choices``."""
-
-    choices: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class Range:
-    """A searched key drawn from ``[low, high]``; ints when the key is an int."""
-
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-
-Distribution = Categorical | Range
-
 SECTIONS: dict[str, type] = {
     "study": StudySection,
     "data": DataConfig,
@@ -127,13 +113,13 @@ class StudyConfig:
     model: ModelConfig
     train: TrainConfig
     augment: str = "none"  # "none", "recipe", or the path of an albumentations pipeline file
-    search: dict[str, Distribution] = field(default_factory=dict)  # dotted key -> distribution
+    search: dict[str, Distribution] = field(default_factory=dict)  # dotted key -> how it varies
     source: str = ""  # the file it came from
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON records (run directories, study attributes)."""
         out = dataclasses.asdict(self)
-        out["search"] = {k: dataclasses.asdict(v) for k, v in self.search.items()}
+        out["search"] = {k: v.to_dict() for k, v in self.search.items()}
         return out
 
     @classmethod
@@ -141,8 +127,7 @@ class StudyConfig:
         """The inverse of :meth:`to_dict`, for the config a study stores (validated when stored).
         Raises ConfigError when it was written by an hpo whose config had other keys."""
         try:
-            search = {k: Categorical(tuple(v["choices"])) if "choices" in v else Range(**v)
-                      for k, v in d["search"].items()}
+            search = {k: space.from_dict(v) for k, v in d["search"].items()}
             return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS}, augment=d["augment"],
                        search=search, source=d["source"])
         except (KeyError, TypeError) as e:
@@ -166,7 +151,7 @@ class StudyConfig:
 # --- validation ---------------------------------------------------------------------------
 
 
-def _check_value(key: str, f: dataclasses.Field, value: Any, hint: Any) -> tuple[Any, str | None]:
+def _check_value(f: dataclasses.Field, hint: Any, key: str, value: Any) -> tuple[Any, str | None]:
     """Coerce ``value`` to the field's type; return (value, problem or None)."""
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
@@ -214,100 +199,30 @@ def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
             problems.append(f"{name}.{key}: unknown key (known: {', '.join(known)})")
             continue
         f, hint = known[key]
-        values[key], problem = _check_value(f"{name}.{key}", f, value, hint)
+        values[key], problem = _check_value(f, hint, f"{name}.{key}", value)
         if problem:
             problems.append(problem)
     return cls(**values)
-
-
-def hyperparameter(key: str) -> tuple[dataclasses.Field, Any] | None:
-    """The field behind a dotted hyperparameter name such as ``train.lr``, or None."""
-    section, _, name = key.partition(".")
-    if section not in HYPERPARAMETER_SECTIONS:
-        return None
-    return _fields(SECTIONS[section]).get(name)
 
 
 def _build_search(raw: Any, problems: list[str]) -> dict[str, Distribution]:
     if not isinstance(raw, dict):
         problems.append(f"search: must be a table of dotted keys, got {raw!r}")
         return {}
-    space: dict[str, Distribution] = {}
+    out: dict[str, Distribution] = {}
     for key, spec in raw.items():
-        where = f"search.{key}"
-        if key == "augment":
-            if not isinstance(spec, list) or not spec or not all(isinstance(v, str) for v in spec):
-                problems.append(f"{where}: must be a non-empty list of augment names")
-            else:
-                space[key] = Categorical(tuple(spec))
-            continue
-        target = hyperparameter(key)
+        section, _, name = key.partition(".")
+        target = _fields(SECTIONS[section]).get(name) if section in HYPERPARAMETER_SECTIONS else None
+        if key == "augment":  # augment names: each is checked when a trial uses it
+            target = (dataclasses.field(), str)
         if target is None:
-            problems.append(f"{where}: unknown hyperparameter (use a dotted name such as train.lr)")
+            problems.append(f"search.{key}: unknown hyperparameter (use a dotted name such as train.lr)")
             continue
-        f, hint = target
-        if isinstance(spec, list):
-            if not spec:
-                problems.append(f"{where}: the list of choices is empty")
-                continue
-            choices = []
-            for value in spec:
-                value, problem = _check_value(where, f, value, hint)
-                choices.append(value)
-                if problem:
-                    problems.append(problem)
-            space[key] = Categorical(tuple(choices))
-        elif isinstance(spec, dict):
-            extra = set(spec) - {"low", "high", "log", "step"}
-            if extra or "low" not in spec or "high" not in spec:
-                problems.append(f"{where}: a range is {{low, high, log?, step?}}, got {spec!r}")
-                continue
-            if hint not in (int, float):
-                problems.append(f"{where}: a range needs a numeric key, {key} is {hint}")
-                continue
-            low, p1 = _check_value(f"{where}.low", f, spec["low"], hint)
-            high, p2 = _check_value(f"{where}.high", f, spec["high"], hint)
-            log, step = spec.get("log", False), spec.get("step")
-            bad = [p for p in (p1, p2) if p]
-            if not bad and low >= high:
-                bad.append(f"{where}: low must be below high, got {low!r} >= {high!r}")
-            if not isinstance(log, bool):
-                bad.append(f"{where}.log: must be true or false, got {log!r}")
-            elif log and not bad and low <= 0:
-                bad.append(f"{where}: a log range needs low > 0, got {low!r}")
-            if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
-                bad.append(f"{where}.step: must be a positive number, got {step!r}")
-            elif step is not None and log:
-                bad.append(f"{where}: step and log cannot be combined")
-            problems.extend(bad)
-            if not bad:
-                space[key] = Range(low, high, log, step)
-        else:
-            problems.append(f"{where}: must be a list of choices or a {{low, high}} table, got {spec!r}")
-    return space
-
-
-def _check_augment(value: Any, base: Path, problems: list[str]) -> str:
-    if not isinstance(value, str):
-        problems.append(f"augment: must be a string, got {value!r}")
-        return "none"
-    if value in ("none", "recipe"):
-        return value
-    path = Path(value) if Path(value).is_absolute() else base / value
-    if path.suffix not in (".json", ".yaml", ".yml"):
-        problems.append(f"augment: must be 'none', 'recipe' or an albumentations .json/.yaml file, got {value!r}")
-    elif not path.is_file():
-        problems.append(f"augment: no albumentations pipeline file at {path}")
-    else:
-        import albumentations as A  # only when a file is given: the import is slow
-
         try:
-            A.load(str(path), data_format="yaml" if path.suffix in (".yaml", ".yml") else "json")
-        except Exception as e:  # albumentations raises many types for a bad file
-            problems.append(f"augment: {path} is not an albumentations pipeline: {type(e).__name__}: {e}")
-        else:
-            return str(path.resolve())  # absolute: stays valid when re-validated from elsewhere
-    return "none"
+            out[key] = space.create(f"search.{key}", spec, target[1], functools.partial(_check_value, *target))
+        except space.SpaceError as e:
+            problems.extend(e.problems)
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -347,11 +262,15 @@ def validate(raw: dict[str, Any], source: Path) -> StudyConfig:
     known = ", ".join([*SECTIONS, "augment", "search"])
     problems += [f"{k}: unknown section (known: {known})" for k in sorted(unknown)]
     sections = {name: _build_section(name, raw.get(name, {}), problems) for name in SECTIONS}
-    augment = _check_augment(raw.get("augment", "none"), source.parent, problems)
+    augment, problem = check_augment(raw.get("augment", "none"), source.parent)
+    problems += [problem] if problem else []
     search = _build_search(raw.get("search", {}), problems)
     data: DataConfig = sections["data"]
     if data.subset_size > data.train_size:
         problems.append(f"data.subset_size: must be <= data.train_size ({data.train_size}), got {data.subset_size}")
+    if sections["study"].sampler == "grid":
+        problems += [f"search.{k}: the grid sampler needs a list of choices or an integer range, got {d.to_dict()}"
+                     for k, d in search.items() if d.grid_points() is None]
     if problems:
         raise ConfigError(problems)
     if not sections["study"].name:

@@ -15,12 +15,15 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
-from hpo.config import DataConfig
 from hpo.files import atomic_write
+
+if TYPE_CHECKING:  # config reads augment files through augment, which takes splits from here
+    from hpo.config import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -239,12 +242,19 @@ def to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> DeviceSplit
     return DeviceSplit(images.to(device), torch.from_numpy(y).to(device))
 
 
-def training_splits(data: ImageData, cfg: DataConfig, device: torch.device) -> tuple[DeviceSplit, DeviceSplit]:
-    """The (train, val) pair a run trains on: the subset or the full train split, per ``cfg.train_on``."""
+class TrainVal(NamedTuple):
+    """What a run learns from and is judged on, as the recipe's ``dataloader`` dict."""
+
+    train: DeviceSplit
+    val: DeviceSplit
+
+
+def training_splits(data: ImageData, cfg: DataConfig, device: torch.device) -> TrainVal:
+    """The pair a run trains on: the subset or the full train split, per ``cfg.train_on``."""
     splits = make_splits(data.train_y, cfg)
     train = splits.subset if cfg.train_on == "subset" else splits.train
-    return (to_device(data.train_x[train], data.train_y[train], device),
-            to_device(data.train_x[splits.val], data.train_y[splits.val], device))
+    return TrainVal(to_device(data.train_x[train], data.train_y[train], device),
+                    to_device(data.train_x[splits.val], data.train_y[splits.val], device))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

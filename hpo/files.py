@@ -4,11 +4,12 @@ or a read-only folder is one error that names the file (``WriteError``) rather t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     import optuna
@@ -41,6 +42,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON, written whole or not at all."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def store_artifact(store: Path | str, path: Path | str, owner: optuna.Study | optuna.trial.BaseTrial) -> str:

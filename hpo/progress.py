@@ -3,6 +3,7 @@ value and an ETA. It watches the storage, so it shows every worker's trials, on 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -23,7 +24,8 @@ def trial_line(t: FrozenTrial) -> str:
     if t.state == TrialState.FAIL:
         return f"trial {t.number:>3} FAIL      {params}  {t.user_attrs.get('fail_reason', '')}"
     a = t.user_attrs
-    return (f"trial {t.number:>3} {t.state.name:<9} val_acc {t.value:.4f}  {params}  best epoch "
+    value = "-" if t.value is None else f"{t.value:.4f}"  # a trial pruned before it reported has none
+    return (f"trial {t.number:>3} {t.state.name:<9} val_acc {value}  {params}  best epoch "
             f"{a.get('best_epoch')}/{a.get('epochs_run')} ({a.get('stop_reason')})  {a.get('seconds', 0):.1f}s")
 
 
@@ -52,8 +54,13 @@ class Progress:
             return
         self.stop.set()
         self.thread.join()
-        if exc_type is None:  # the last trials; after an error the storage may be what failed
+        # The last trials (after a Ctrl-C too: its trial's FAIL line), unless the database is what
+        # failed; a failing last look must not hide the error that ended the body.
+        if exc_type is None:
             self._poll()
+        elif not issubclass(exc_type, StorageError):
+            with contextlib.suppress(Exception):
+                self._poll()
         self.bar.close()
 
     def _watch(self) -> None:

@@ -14,7 +14,7 @@ import optuna
 from hpo.checks import IMBALANCE_WARNING
 from hpo.config import DataConfig
 from hpo.data import ImageData, make_splits
-from hpo.files import atomic_write
+from hpo.files import atomic_write, write_json
 from hpo.study import COUNTED, StudyHandle
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: every worker imports hpo, none draws
@@ -98,8 +98,19 @@ def explore(data: ImageData, cfg: DataConfig, out: Path, seed: int = 0) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     write_html(out / "explore.html", "Data exploration",
                [("Summary", table(summary)), ("Sample images", grid), ("Class histogram", bars)])
-    (out / "explore.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(out / "explore.json", stats)
     return stats
+
+
+def explore_lines(stats: dict[str, Any]) -> list[str]:
+    """What ``hpo explore`` prints of :func:`explore`'s numbers."""
+    s = stats["pixel_stats_train_split"]
+    return [f"{stats['problem']}, {stats['num_classes']} classes; images {stats['channels']} channels "
+            f"{stats['resolution'][0]}x{stats['resolution'][1]} {stats['dtype']}",
+            *(f"{split:<19} {sum(counts):>6} images, per class {counts} "
+              f"({'balanced' if stats['balanced'][split] else 'UNBALANCED'})"
+              for split, counts in stats["class_counts"].items()),
+            f"train split: min {s['min']} max {s['max']} mean {s['mean']} std {s['std']}"]
 
 
 # --- the study report --------------------------------------------------------------------------

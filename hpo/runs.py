@@ -1,28 +1,31 @@
 """One recorded training run: data -> model -> fit, with config, seed and git revision kept
-beside the results in a directory of its own (never a shared ``ckpt.pt``).
+beside the results in a directory of its own (never a shared ``ckpt.pt``), and the checkpoint
+policy that saves a run and lets a retried one go on from where it was cut.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 import platform
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from hpo.augment import make_augment
 from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, training_splits
-from hpo.files import atomic_write, writing
+from hpo.files import atomic_write, write_json, writing
 from hpo.models import build_model
-from hpo.train import EpochStats, fit, load_checkpoint
+from hpo.train import EpochStats, LoopState, Stop, fit
 
 
 def git_revision() -> str:
@@ -41,11 +44,6 @@ def git_revision() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write: temporary file in the same folder, then rename."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def new_run_dir(out: Path, name: str) -> Path:
     """A fresh directory per run, so parallel workers never share files."""
     run_dir = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -60,32 +58,115 @@ def run_record(cfg: StudyConfig, device: torch.device) -> dict[str, Any]:
             "device": str(device), "hostname": platform.node(), "torch": torch.__version__}
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic. Serialized in memory first: torch's own file writer reports a full disk as a bare
+    RuntimeError, a plain write as the OSError that WriteError names."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+class Checkpoints:
+    """A run's files and when they are written: ``best.pt`` (the best epoch's weights, the recipe's
+    ``ckpt.pt``) and ``last.pt`` (everything to go on from, so that a retried trial does not start
+    from scratch). They are written after the last epoch and, before it, at most every ``every``
+    seconds (0: every epoch): a GPU epoch of the subset is shorter than writing them."""
+
+    def __init__(self, run_dir: Path, every: float = 0.0):
+        self.best, self.last, self.every = run_dir / "best.pt", run_dir / "last.pt", every
+        self.saved_at, self.best_saved = time.perf_counter(), 0  # best_saved: the epoch best.pt holds
+
+    def resume(self, model: nn.Module, state: LoopState) -> None:
+        """Go on from ``last.pt`` when the run folder has one, with the best weights of ``best.pt``."""
+        if not self.last.is_file():
+            return
+        device = next(model.parameters()).device
+        saved = load_checkpoint(self.last, device)
+        model.load_state_dict(saved.pop("model"))
+        state.load_state_dict(saved)
+        state.best_weights = load_checkpoint(self.best, device)["model"]
+        self.best_saved = state.best_epoch
+
+    def save(self, model: nn.Module, state: LoopState, final: bool) -> None:
+        """``best.pt`` if the best epoch changed, then ``last.pt``: it never runs ahead of ``best.pt``."""
+        if not final and time.perf_counter() - self.saved_at < self.every:
+            return
+        if state.best_epoch != self.best_saved:
+            save_checkpoint(self.best, {"model": state.best_weights, "epoch": state.best_epoch,
+                                        "val_acc": state.best_val_acc})
+            self.best_saved = state.best_epoch
+        save_checkpoint(self.last, {"model": model.state_dict(), **state.state_dict()})
+        self.saved_at = time.perf_counter()
+
+
 def resume_history(run_dir: Path) -> list[dict]:
     """The epochs a run directory already holds (from its ``last.pt``), or []."""
     last = run_dir / "last.pt"
     return load_checkpoint(last)["history"] if last.is_file() else []
 
 
+class Result:
+    """A frozen dataclass of results, as plain data for JSON: paths as strings, ``stop`` by its name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        out["stop_reason"] = out.pop("stop").value
+        return out
+
+
+@dataclass(frozen=True)
+class RunSummary(Result):
+    """What a run ended with: its ``results.json``, less the history."""
+
+    best_val_acc: float
+    best_epoch: int
+    epochs_run: int
+    stop: Stop
+    seconds: float  # in fit, data loading excluded
+    train_samples_per_s: float
+    data_seconds: float
+    train_size: int
+    val_size: int
+    checkpoint: Path  # best.pt: the best epoch's weights
+    run_dir: Path
+    resumed_from_epoch: int  # > 0 when it went on from a run that was cut short
+
+    def line(self) -> str:
+        return (f"best val_acc {self.best_val_acc:.5f} at epoch {self.best_epoch} of {self.epochs_run} "
+                f"({self.stop.value}), {self.seconds:.1f}s in fit, {self.train_samples_per_s:.0f} train samples/s; "
+                f"checkpoint {self.checkpoint}")
+
+
 def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData | None = None,
-              on_epoch: Callable[[EpochStats], str | None] | None = None,
+              on_epoch: Callable[[EpochStats], bool] | None = None,
               log: Callable[[str], None] | None = print, run_dir: Path | None = None,
-              save_every: float = 0.0) -> dict[str, Any]:
+              save_every: float = 0.0) -> RunSummary:
     """Train ``cfg`` once on ``device``; write ``config.json``, ``best.pt``, ``last.pt`` and
     ``results.json`` under a new directory in ``out`` (or ``run_dir``, going on from its
-    ``last.pt`` if it has one); return the summary (``results.json`` minus the history).
-    ``save_every``: seconds between checkpoint writes, see :func:`hpo.train.fit`."""
+    ``last.pt`` if it has one). ``on_epoch`` may stop the run (see :func:`hpo.train.fit`);
+    ``log`` gets the recipe's line per epoch; ``save_every``: see :class:`Checkpoints`."""
     t0 = time.perf_counter()
     data = data if data is not None else load_data(cfg.data.path)
-    train, val = training_splits(data, cfg.data, device)  # bad data fails here, before any file
+    splits = training_splits(data, cfg.data, device)  # bad data fails here, before any file
     data_seconds = time.perf_counter() - t0
 
     run_dir = run_dir or new_run_dir(out, cfg.study.name)
     write_json(run_dir / "config.json", run_record(cfg, device))
+
+    def epoch_done(stats: EpochStats) -> bool:
+        if log:
+            log(stats.line(cfg.train.epochs))
+        return bool(on_epoch and on_epoch(stats))
+
     torch.manual_seed(cfg.train.seed)
+    checkpoints = Checkpoints(run_dir, save_every)
     try:
-        model = build_model(cfg.model, train.x[0].numel(), len(data.classes)).to(device)
-        result = fit(model, train, val, cfg.train, make_augment(cfg.augment), run_dir / "best.pt", on_epoch, log,
-                     resumable=True, save_every=save_every)
+        model = build_model(cfg.model, splits.train.x[0].numel(), len(data.classes)).to(device)
+        result = fit(model, splits, cfg.train, make_augment(cfg.augment), epoch_done, checkpoints)
     except Exception as e:  # recorded beside the config, then raised to the caller
         write_json(run_dir / "results.json", {"error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})
         if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # how the CPU allocator says it
@@ -93,12 +174,9 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
             raise torch.OutOfMemoryError(f"{why}; lower model.hidden or train.batch_size") from None
         raise
 
-    summary = {
-        "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-        "stop_reason": result.stop_reason, "seconds": round(result.seconds, 3),
-        "train_samples_per_s": round(result.train_samples_per_s, 1), "data_seconds": round(data_seconds, 3),
-        "train_size": len(train), "val_size": len(val), "checkpoint": result.checkpoint, "run_dir": str(run_dir),
-        "resumed_from_epoch": result.resumed_from_epoch,
-    }
-    write_json(run_dir / "results.json", {**summary, "history": [dataclasses.asdict(s) for s in result.history]})
+    summary = RunSummary(result.best_val_acc, result.best_epoch, result.epochs_run, result.stop,
+                         round(result.seconds, 3), round(result.train_samples_per_s, 1), round(data_seconds, 3),
+                         len(splits.train), len(splits.val), checkpoints.best, run_dir, result.resumed_from_epoch)
+    write_json(run_dir / "results.json", {**summary.to_dict(),
+                                          "history": [dataclasses.asdict(s) for s in result.history]})
     return summary

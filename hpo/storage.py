@@ -254,8 +254,12 @@ def _cross_process_lock(url: str, engine: sqlalchemy.Engine, name: str,
         # The lock lives in its own connection: it goes with the process if the process dies.
         conn = engine.connect()
         try:
-            if conn.execute(sqlalchemy.text(take), arg).scalar() == 0:  # MySQL: timed out
+            got = conn.execute(sqlalchemy.text(take), arg).scalar()
+            if got == 0:  # MySQL: timed out
                 raise StorageError(f"waited 600s for another process's lock on {name!r} at {mask(url)}")
+            if backend != "postgresql" and got != 1:  # NULL: the server cut the wait short, and no lock is held
+                raise DatabaseError(f"the database at {mask(url)} failed: it ended the wait for the lock on {name!r} "
+                                    "(GET_LOCK gave NULL: KILL QUERY, or max_statement_time)")
             conn.commit()  # the lock is the session's: no transaction need stay open meanwhile
         except BaseException:
             conn.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -22,10 +23,10 @@ from typing import Any
 import numpy as np
 import optuna
 import sqlalchemy
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from hpo.config import Categorical, Range, StudyConfig, hyperparameter
+from hpo.config import StudyConfig
 from hpo.storage import (
     DB_TIMEOUT,
     GRACE_PERIOD,
@@ -56,15 +57,7 @@ class StudyError(RuntimeError):
 
 def distributions(cfg: StudyConfig) -> dict[str, BaseDistribution]:
     """The search space as Optuna distributions, ints where the key is an int."""
-    out: dict[str, BaseDistribution] = {}
-    for key, spec in cfg.search.items():
-        if isinstance(spec, Categorical):
-            out[key] = CategoricalDistribution(spec.choices)
-        elif hyperparameter(key)[1] is int:
-            out[key] = IntDistribution(int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
-        else:
-            out[key] = FloatDistribution(spec.low, spec.high, log=spec.log, step=spec.step)
-    return out
+    return {key: spec.to_optuna() for key, spec in cfg.search.items()}
 
 
 def draw(cfg: StudyConfig, index: int) -> dict[str, Any] | None:
@@ -73,35 +66,22 @@ def draw(cfg: StudyConfig, index: int) -> dict[str, Any] | None:
     if cfg.study.sampler == "tpe":
         return {}
     if cfg.study.sampler == "grid":
-        grid = list(itertools.product(*(spec.choices for spec in cfg.search.values())))
-        return dict(zip(cfg.search, grid[index], strict=True)) if index < len(grid) else None
+        grid = itertools.product(*(spec.grid_points() for spec in cfg.search.values()))
+        point = next(itertools.islice(grid, index, None), None)
+        return None if point is None else dict(zip(cfg.search, point, strict=True))
     rng = np.random.default_rng(np.random.SeedSequence(cfg.study.seed).spawn(index + 1)[index])
-    bounds = distributions(cfg)
-    params: dict[str, Any] = {}
-    for key, spec in cfg.search.items():
-        if isinstance(spec, Categorical):
-            params[key] = spec.choices[rng.integers(len(spec.choices))]
-            continue
-        assert isinstance(spec, Range)
-        if spec.step:
-            steps = int((spec.high - spec.low) // spec.step)
-            value = spec.low + spec.step * rng.integers(steps + 1)
-        elif spec.log:
-            value = float(np.exp(rng.uniform(np.log(spec.low), np.log(spec.high))))
-        else:
-            value = float(rng.uniform(spec.low, spec.high))
-        # Within Optuna's bounds (it moves a step range's high onto the grid): float arithmetic can
-        # land an ulp outside them (0.004 + 5 * 0.01 > 0.054), and add_trial refuses such a value.
-        dist = bounds[key]
-        value = min(max(value, dist.low), dist.high)
-        params[key] = int(round(value)) if isinstance(dist, IntDistribution) else float(value)
-    return params
+    return {key: spec.draw(rng) for key, spec in cfg.search.items()}
+
+
+def suggest(trial: optuna.trial.Trial, cfg: StudyConfig) -> dict[str, Any]:
+    """The trial's parameters: queued values come back as they were drawn, TPE samples now."""
+    return {key: spec.suggest(trial, key) for key, spec in cfg.search.items()}
 
 
 def grid_size(cfg: StudyConfig) -> int | None:
     if cfg.study.sampler != "grid":
         return None
-    return int(np.prod([len(spec.choices) for spec in cfg.search.values()]))
+    return math.prod(len(spec.grid_points()) for spec in cfg.search.values())
 
 
 def check_target(cfg: StudyConfig, n_trials: int) -> None:

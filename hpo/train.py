@@ -1,23 +1,24 @@
 """The recipe's ``fit``, made fast: batches indexed on the device, metrics accumulated there,
-one host sync per epoch. No Optuna here: the study plugs in through ``on_epoch``.
+one host sync per epoch. No Optuna here: the study plugs in through ``on_epoch``; no files either:
+a run's checkpoints are the business of the policy it is handed (hpo.runs.Checkpoints).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from hpo.augment import Augment
 from hpo.config import TrainConfig
-from hpo.data import DeviceSplit, normalize
-from hpo.files import atomic_write
+from hpo.data import DeviceSplit, TrainVal, normalize
 
 EVAL_BATCH = 1000  # the recipe's val batch size; only bounds memory
 
@@ -38,18 +39,30 @@ class EpochStats:
     lr: float
     seconds: float
 
+    def line(self, epochs: int) -> str:
+        """The recipe's log line for this epoch, of ``epochs``."""
+        return (f"Epoch {self.epoch}/{epochs} loss {self.loss:.5f} acc {self.acc:.5f} val_loss {self.val_loss:.5f} "
+                f"val_acc {self.val_acc:.5f} lr {self.lr:.5f} ({self.seconds:.1f}s)")
 
-@dataclass
+
+class Stop(Enum):
+    """Why ``fit`` stopped."""
+
+    COMPLETED = "completed"  # every epoch ran
+    EARLY_STOPPING = "early_stopping"  # train.patience epochs without a better val_acc
+    REQUESTED = "requested"  # on_epoch asked (the study's pruner; a check that has seen enough)
+
+
+@dataclass(frozen=True)
 class FitResult:
     """What ``fit`` returns; the model holds the best epoch's weights."""
 
-    history: list[EpochStats] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_acc: float = 0.0
-    stop_reason: str = "completed"  # "completed", "early_stopping" or what on_epoch returned
-    seconds: float = 0.0  # training and validation epochs, data loading excluded
-    train_samples_per_s: float = 0.0
-    checkpoint: str = ""
+    history: tuple[EpochStats, ...]  # every epoch, those of a run it went on from included
+    best_epoch: int
+    best_val_acc: float
+    stop: Stop
+    seconds: float  # training and validation epochs of this call, data loading excluded
+    train_samples_per_s: float
     resumed_from_epoch: int = 0  # > 0 when the run went on from a saved state
 
     @property
@@ -72,18 +85,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic. Serialized in memory first: torch's own file writer reports a full disk as a bare
-    RuntimeError, a plain write as the OSError that WriteError names."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, graphs: bool = False) -> torch.optim.Optimizer:
@@ -171,115 +172,119 @@ def evaluate(model: nn.Module, split: DeviceSplit) -> tuple[float, float]:
     return loss_sum / len(split), correct / len(split)
 
 
-def _snapshot(model: nn.Module, optimizer, scheduler, gen: torch.Generator, result: FitResult,
-              since_best: int) -> dict:
-    """Everything a killed run needs to go on exactly where it stopped."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler else None, "generator": gen.get_state(),
-            "history": [dataclasses.asdict(s) for s in result.history], "best_epoch": result.best_epoch,
-            "best_val_acc": result.best_val_acc, "since_best": since_best}
+class LoopState:
+    """Everything of a run except the model's weights that it needs to go on exactly where it
+    stopped: optimizer, scheduler, the generator that shuffles and augments, the history, the best
+    epoch and the epochs since. Like torch's stateful objects it owns ``state_dict`` and
+    ``load_state_dict``. ``best_weights``, a copy on the device, is what ``best.pt`` holds."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, graphs: bool):
+        device = next(model.parameters()).device
+        self.optimizer = make_optimizer(model, cfg, graphs)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.step_size, cfg.gamma) if cfg.step_size \
+            else None
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.history: list[EpochStats] = []
+        self.best_epoch, self.best_val_acc, self.since_best = 0, 0.0, 0
+        self.best_weights: dict[str, torch.Tensor] = {}
+
+    def record(self, stats: EpochStats, model: nn.Module) -> None:
+        """An epoch's stats; the recipe's best-epoch checkpoint, kept on the device."""
+        self.history.append(stats)
+        if stats.val_acc > self.best_val_acc or self.best_epoch == 0:
+            self.best_val_acc, self.best_epoch, self.since_best = stats.val_acc, stats.epoch, 0
+            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.since_best += 1
+
+    def out_of_patience(self, patience: int) -> bool:
+        """Early stopping: ``patience`` epochs without a better val_acc (0: never)."""
+        return bool(patience) and self.since_best >= patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "generator": self.generator.get_state(), "history": [dataclasses.asdict(s) for s in self.history],
+                "best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())  # a generator's state is a CPU tensor, even a CUDA one's
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.best_epoch, self.best_val_acc, self.since_best = state["best_epoch"], state["best_val_acc"], \
+            state["since_best"]
 
 
-def _restore(state: dict, model: nn.Module, optimizer, scheduler, gen: torch.Generator, result: FitResult) -> int:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler:
-        scheduler.load_state_dict(state["scheduler"])
-    gen.set_state(state["generator"].cpu())  # a generator's state is a CPU tensor, even a CUDA one's
-    result.history = [EpochStats(**h) for h in state["history"]]
-    result.best_epoch, result.best_val_acc = state["best_epoch"], state["best_val_acc"]
-    return state["since_best"]
+class Checkpoints(Protocol):
+    """Where and when a run's state is saved, and where it goes on from (see hpo.runs.Checkpoints)."""
+
+    def resume(self, model: nn.Module, state: LoopState) -> None:
+        """Load a saved state into ``model`` and ``state``, if there is one."""
+
+    def save(self, model: nn.Module, state: LoopState, final: bool) -> None:
+        """Save them if it is time to (always when ``final``)."""
 
 
-def fit(model: nn.Module, train: DeviceSplit, val: DeviceSplit, cfg: TrainConfig, augment, checkpoint: Path,
-        on_epoch: Callable[[EpochStats], str | None] | None = None,
-        log: Callable[[str], None] | None = None, resumable: bool = False, cuda_graphs: bool = True,
-        save_every: float = 0.0) -> FitResult:
+def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
+        on_epoch: Callable[[EpochStats], bool] | None = None, checkpoints: Checkpoints | None = None,
+        cuda_graphs: bool = True) -> FitResult:
     """Train ``model`` as the recipe's ``fit`` does; return the history with the best weights loaded.
 
     ``augment`` turns the train split into batches (see hpo.augment). ``on_epoch`` sees each
-    epoch's stats and may return a reason to stop (pruning). The best epoch is saved to
-    ``checkpoint`` and loaded at the end, as the recipe does with its ``ckpt.pt``. With
-    ``resumable``, the whole state is saved beside it (``last.pt``) and a run that finds one there
-    goes on from it: a retried trial does not start from scratch. Files are written after the
-    last epoch and, before it, at most every ``save_every`` seconds (0: every epoch): a GPU epoch
-    of the subset is shorter than writing them. On CUDA each training step is a replayed CUDA
-    graph (see TrainStep) unless ``cuda_graphs`` is False.
+    epoch's stats and returns True to stop (pruning). ``checkpoints``, when given, saves the state
+    and resumes a run that was cut short. On CUDA each training step is a replayed CUDA graph (see
+    TrainStep) unless ``cuda_graphs`` is False.
     """
     # -- setup: everything lives on the training device
-    device = train.x.device
+    device = data.train.x.device
     graphs = cuda_graphs and device.type == "cuda"
-    optimizer = make_optimizer(model, cfg, graphs)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma) if cfg.step_size else None
+    state = LoopState(model, cfg, graphs)
     sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct; one tensor the graph adds to
-    step = TrainStep(model, optimizer, sums, cfg.batch_size, graphs)
-    gen = torch.Generator(device).manual_seed(cfg.seed)
-    result = FitResult(checkpoint=str(checkpoint))
-    since_best, train_seconds, train_samples = 0, 0.0, 0
+    step = TrainStep(model, state.optimizer, sums, cfg.batch_size, graphs)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    last = checkpoint.with_name("last.pt")
-    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights not yet written
-    saved_at, first = time.perf_counter(), 1
-    if resumable and last.is_file():
-        since_best = _restore(load_checkpoint(last, device), model, optimizer, scheduler, gen, result)
-        result.resumed_from_epoch = result.epochs_run
-        first = result.epochs_run + 1
-        if cfg.patience and since_best >= cfg.patience:  # it had stopped early before it was killed
-            first, result.stop_reason = cfg.epochs + 1, "early_stopping"
+    if checkpoints:
+        checkpoints.resume(model, state)
+    resumed = epoch = len(state.history)
+    stop = Stop.EARLY_STOPPING if state.out_of_patience(cfg.patience) else None  # it had, before it was cut
+    seconds, train_seconds, train_samples = 0.0, 0.0, 0
 
-    for epoch in range(first, cfg.epochs + 1):
+    while stop is None and epoch < cfg.epochs:
+        epoch += 1
         # -- train: metrics stay on the device, no .item() per batch
         t0 = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
+        lr = float(state.optimizer.param_groups[0]["lr"])
         model.train()
         sums.zero_()
         seen = 0
-        for x, y in augment.batches(train, cfg.batch_size, gen):
+        for x, y in augment.batches(data.train, cfg.batch_size, state.generator):
             step(x, y)
             seen += len(y)
         sync()
         t_train = time.perf_counter() - t0
 
         # -- validate
-        sums[2:] = _eval_sums(model, val, step.criterion)
+        sums[2:] = _eval_sums(model, data.val, step.criterion)
         loss_sum, correct, val_loss_sum, val_correct = sums.tolist()  # the epoch's one sync
-        seconds = time.perf_counter() - t0
-        stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(val),
-                           val_correct / len(val), lr, seconds)
-        result.history.append(stats)
-        result.seconds += seconds
-        train_seconds, train_samples = train_seconds + t_train, train_samples + seen
+        stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(data.val),
+                           val_correct / len(data.val), lr, time.perf_counter() - t0)
+        seconds, train_seconds, train_samples = seconds + stats.seconds, train_seconds + t_train, train_samples + seen
         if not math.isfinite(stats.loss):
             raise TrainingDiverged(f"loss is {stats.loss} at epoch {epoch} (lr {lr:g}); lower train.lr")
 
-        # -- the recipe's best-epoch checkpoint (a copy on the device) and early stopping
-        if stats.val_acc > result.best_val_acc or result.best_epoch == 0:
-            result.best_val_acc, result.best_epoch, since_best = stats.val_acc, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-        if scheduler:
-            scheduler.step()
-        if log:
-            log(f"Epoch {epoch}/{cfg.epochs} loss {stats.loss:.5f} acc {stats.acc:.5f} val_loss "
-                f"{stats.val_loss:.5f} val_acc {stats.val_acc:.5f} lr {lr:.5f} ({seconds:.1f}s)")
-        reason = on_epoch(stats) if on_epoch else None
-        if cfg.patience and since_best >= cfg.patience:
-            reason = reason or "early_stopping"
-
-        # -- files: best.pt, then the state to resume from (it never runs ahead of best.pt)
-        if reason or epoch == cfg.epochs or time.perf_counter() - saved_at >= save_every:
-            if best_state is not None:
-                save_checkpoint(checkpoint, {"model": best_state, "epoch": result.best_epoch,
-                                             "val_acc": result.best_val_acc})
-            if resumable:
-                save_checkpoint(last, _snapshot(model, optimizer, scheduler, gen, result, since_best))
-            best_state, saved_at = None, time.perf_counter()
-        if reason:
-            result.stop_reason = reason
-            break
+        # -- the recipe's best-epoch checkpoint, its StepLR and early stopping
+        state.record(stats, model)
+        if state.scheduler:
+            state.scheduler.step()
+        if on_epoch and on_epoch(stats):
+            stop = Stop.REQUESTED
+        elif state.out_of_patience(cfg.patience):
+            stop = Stop.EARLY_STOPPING
+        if checkpoints:
+            checkpoints.save(model, state, final=stop is not None or epoch == cfg.epochs)
 
     # -- end: the best epoch's weights, as the recipe reloads its ckpt.pt
-    model.load_state_dict(load_checkpoint(checkpoint, device)["model"])
-    result.train_samples_per_s = train_samples / train_seconds if train_seconds else 0.0
-    return result
+    model.load_state_dict(state.best_weights)
+    return FitResult(tuple(state.history), state.best_epoch, state.best_val_acc, stop or Stop.COMPLETED, seconds,
+                     train_samples / train_seconds if train_seconds else 0.0, resumed)

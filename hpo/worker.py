@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import platform
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,36 +23,19 @@ import torch
 from optuna.trial import TrialState
 
 from hpo.checks import gate
-from hpo.config import ConfigError, StudyConfig
+from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, make_splits
+from hpo.exits import WorkersFailed, run_command
 from hpo.faults import check_failure_budget, reap
-from hpo.files import WriteError, store_artifact, writing
+from hpo.files import store_artifact, writing
 from hpo.progress import Progress
-from hpo.runs import new_run_dir, resume_history, train_run
-from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageError, mask
-from hpo.study import (
-    COUNTED,
-    StudyHandle,
-    check_target,
-    distributions,
-    open_study,
-    pop_waiting,
-    requeue,
-    set_target,
-    top_up,
-)
-from hpo.train import TrainingDiverged, resolve_device
+from hpo.runner import Outcome, run_trial, say
+from hpo.runs import RunSummary, new_run_dir, resume_history, train_run
+from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, mask
+from hpo.study import COUNTED, StudyHandle, check_target, open_study, pop_waiting, set_target, suggest, top_up
+from hpo.train import resolve_device
 
-# A trial's own fault: it fails with the reason recorded, the worker goes on, and the slot is drawn anew.
-TRIAL_FAILURES = (TrainingDiverged, torch.OutOfMemoryError, ConfigError)
-# Not the trial's fault: it fails, its slot is queued again with the same parameters (the retry goes
-# on from its last checkpoint), and the worker stops.
-WORKER_STOPS = (KeyboardInterrupt, WriteError)
 IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
-
-
-class WorkersFailed(RuntimeError):
-    """Some of the worker processes of ``hpo run --workers K`` did not finish cleanly."""
 
 
 @dataclass(frozen=True)
@@ -76,11 +58,6 @@ class Options:
     max_failures: int | None = None
 
 
-def say(message: str) -> None:
-    """A worker's own line on stderr, apart from the per-trial lines of Progress."""
-    print(f"hpo: {message}", file=sys.stderr, flush=True)
-
-
 @contextlib.contextmanager
 def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
     """Beat for ``trial_id`` while the body runs; silence marks the trial's worker dead."""
@@ -101,19 +78,6 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[No
         thread.join()
 
 
-def suggest(trial: optuna.trial.Trial, cfg: StudyConfig) -> dict[str, Any]:
-    """The trial's parameters: queued values come back as they were drawn, TPE samples now."""
-    out = {}
-    for key, dist in distributions(cfg).items():
-        if isinstance(dist, optuna.distributions.CategoricalDistribution):
-            out[key] = trial.suggest_categorical(key, dist.choices)
-        elif isinstance(dist, optuna.distributions.IntDistribution):
-            out[key] = trial.suggest_int(key, dist.low, dist.high, log=dist.log, step=dist.step)
-        else:
-            out[key] = trial.suggest_float(key, dist.low, dist.high, log=dist.log, step=dist.step)
-    return out
-
-
 def _attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
     """A run folder of this attempt's own: an attempt that stalled and woke up after its retry
     started can never write over the retry's files. A retry starts from the checkpoints of the
@@ -128,69 +92,46 @@ def _attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
     return run_dir
 
 
-def _train(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, device: torch.device,
-           opts: Options) -> tuple[TrialState, float | None, BaseException | None]:
-    """The trial's attempt, as the state to tell, its value, and the error it ended with. Errors
-    that leave nothing to tell with (the database, the trial taken over) propagate."""
-    name = handle.cfg.study.name
-    try:
-        trial.set_user_attr("device", str(device))
+@dataclass(frozen=True)
+class Objective:
+    """A trial's training run: its parameters, a run folder of its own, ``train_run`` (reporting each
+    epoch to the pruner), and its best checkpoint stored as the trial's artifact."""
+
+    handle: StudyHandle
+    data: ImageData
+    device: torch.device
+    opts: Options
+
+    def __call__(self, trial: optuna.trial.Trial) -> RunSummary:
+        name, opts = self.handle.cfg.study.name, self.opts
+        trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("hostname", platform.node())
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
         run_dir = _attempt_dir(trial, Path(opts.out) / name, name)
         history = resume_history(run_dir)
         written = time.perf_counter()
 
-        def on_epoch(stats) -> str | None:
+        def on_epoch(stats) -> bool:
             nonlocal written
             history.append(dataclasses.asdict(stats))
             trial.report(stats.val_acc, stats.epoch)  # every epoch: the pruner compares these
             if time.perf_counter() - written >= opts.checkpoint_every:  # the dashboard's live curves
                 trial.set_user_attr("history", history)
                 written = time.perf_counter()
-            return "pruned" if trial.should_prune() else None
+            return trial.should_prune()
 
-        cfg = handle.cfg.with_params(suggest(trial, handle.cfg))
-        result = train_run(cfg, device, run_dir.parent, data, on_epoch, log=None, run_dir=run_dir,
-                           save_every=opts.checkpoint_every)
-        artifact = store_artifact(opts.artifacts, result["checkpoint"], trial)
+        cfg = self.handle.cfg.with_params(suggest(trial, self.handle.cfg))
+        summary = train_run(cfg, self.device, run_dir.parent, self.data, on_epoch, log=None, run_dir=run_dir,
+                            save_every=opts.checkpoint_every)
+        artifact = store_artifact(opts.artifacts, summary.checkpoint, trial)
         trial.set_user_attr("history", history)
-        for key in ("best_epoch", "epochs_run", "stop_reason", "seconds", "resumed_from_epoch"):
-            trial.set_user_attr(key, result[key])
+        for key in ("best_epoch", "epochs_run", "seconds", "resumed_from_epoch"):
+            trial.set_user_attr(key, getattr(summary, key))
         trial.set_user_attr("checkpoint_artifact", artifact)
-    except (optuna.exceptions.UpdateFinishedTrialError, StorageError):
-        raise
-    except BaseException as e:  # Ctrl-C and bugs too: the trial must never be left RUNNING
-        return TrialState.FAIL, None, e
-    if result["stop_reason"] == "pruned":
-        return TrialState.PRUNED, None, None
-    return TrialState.COMPLETE, result["best_val_acc"], None
+        return summary
 
 
-def run_trial(handle: StudyHandle, trial: optuna.trial.Trial, data: ImageData, device: torch.device,
-              opts: Options) -> TrialState | None:
-    """Train one trial and tell the study how it ended, in one place. Early stopping completes the
-    trial with its best epoch (so it can be best); the comparative pruner prunes it. Returns the
-    state told, or None when the trial was no longer this worker's: it stalled past the grace
-    period and another worker failed the trial and queued it again."""
-    try:
-        state, value, error = _train(handle, trial, data, device, opts)
-        if error is not None:
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}" if str(error)
-                                else type(error).__name__)
-        handle.study.tell(trial, value, state=state)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        say(f"trial {trial.number} was failed and queued again by another worker while this one was stalled "
-            f"(no heartbeat for over {handle.storage.grace_period}s); this attempt is dropped")
-        return None
-    if isinstance(error, WORKER_STOPS):
-        requeue(handle.storage, handle.study, handle.storage.get_trial(trial._trial_id))
-    if error is not None and not isinstance(error, TRIAL_FAILURES):
-        raise error
-    return state
-
-
-def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], TrialState | None],
+def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], Outcome | None],
          max_failures: int | None = None) -> int:
     """Pop queued trials and ``run`` each (it must tell the study how the trial ended) under a
     heartbeat, until the study holds N finished trials; returns how many ran here. Raises
@@ -220,15 +161,10 @@ def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], TrialState | N
             continue
         trial, trial_id = popped
         with heartbeat(handle.storage, trial_id):
-            state = run(trial)
+            outcome = run(trial)
         ran += 1
-        if state == TrialState.FAIL:
+        if outcome is not None and outcome.state == TrialState.FAIL:
             check_failure_budget(handle, max_failures)
-
-
-def _trainer(handle: StudyHandle, data: ImageData, device: torch.device,
-             opts: Options) -> Callable[[optuna.trial.Trial], TrialState | None]:
-    return lambda trial: run_trial(handle, trial, data, device, opts)
 
 
 def _devices(device: str, workers: int) -> list[str]:
@@ -245,10 +181,15 @@ def _load_checked(cfg: StudyConfig) -> ImageData:
     return data
 
 
+def _trials(handle: StudyHandle, data: ImageData, device: torch.device,
+            opts: Options) -> Callable[[optuna.trial.Trial], Outcome | None]:
+    objective = Objective(handle, data, device, opts)
+    return lambda trial: run_trial(handle, trial, objective)
+
+
 def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, workers: int = 1,
-              worker_args: list[str] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers.
-    ``worker_args`` is how a worker process re-reads the same config (study file, --param, --data)."""
+              quiet: bool = False) -> dict[str, Any]:
+    """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers."""
     target = n_trials or cfg.study.n_trials
     check_target(cfg, target)
     devices = _devices(opts.device, workers)
@@ -261,9 +202,9 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     t0 = time.perf_counter()
     with Progress(handle, enabled=not quiet):
         if workers == 1:
-            work(handle, _trainer(handle, data, resolve_device(devices[0]), opts), opts.max_failures)
+            work(handle, _trials(handle, data, resolve_device(devices[0]), opts), opts.max_failures)
         else:
-            failed = _spawn(devices, opts, worker_args or [], target)
+            failed = _spawn(cfg, [dataclasses.replace(opts, device=d) for d in devices], target)
             check_failure_budget(handle, opts.max_failures)  # the reason the workers gave up, if so
             if failed:
                 raise WorkersFailed(failed)
@@ -271,29 +212,50 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
             "failed": len(handle.trials((TrialState.FAIL,))), "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _spawn(devices: list[str], opts: Options, worker_args: list[str], target: int) -> str | None:
-    """Run one ``hpo worker`` process per device until all exit; returns what went wrong, if anything.
-    Each worker has a process group of its own, so a Ctrl-C (or a supervisor's SIGINT or SIGTERM)
-    reaches this process alone and is passed on once: a second one could cut a worker's cleanup short."""
-    env = {**os.environ, "HPO_STORAGE": opts.storage}  # not argv: other users can read argv
-    if all(d == "cpu" for d in devices):  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
-    budget = [] if opts.max_failures is None else ["--max-failures", str(opts.max_failures)]
-    procs = [subprocess.Popen([sys.executable, "-m", "hpo.cli", "worker", *worker_args, "--device", d,
-                               "--n-trials", str(target), "--out", opts.out, "--artifacts", opts.artifacts,
-                               "--heartbeat", str(opts.heartbeat), "--grace", str(opts.grace),
-                               "--db-timeout", str(opts.db_timeout), "--checkpoint-every", str(opts.checkpoint_every),
-                               *budget, "--quiet"], env=env, process_group=0)
-             for d in devices]
+def _worker_process(cfg: StudyConfig, opts: Options, target: int, threads: int | None) -> None:
+    """One of ``hpo run --workers K``'s processes: ``hpo worker``'s work, ending as it would (one
+    line on stderr, its exit code)."""
+    os.setpgid(0, 0)  # its own process group: a terminal's Ctrl-C reaches the parent alone
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def join() -> int:
+        join_study(cfg, opts, target, quiet=True)
+        return 0
+
+    raise SystemExit(run_command(join))
+
+
+def _spawn(cfg: StudyConfig, options: list[Options], target: int) -> str | None:
+    """Run one worker process per device (``options`` differ in the device) until all exit; returns
+    what went wrong, if anything. Each worker has a process group of its own, so a Ctrl-C (or a
+    supervisor's SIGINT or SIGTERM) reaches this process alone and is passed on once: a second one
+    could cut a worker's cleanup short."""
+    cpu_only = all(o.device == "cpu" for o in options)  # share the cores instead of oversubscribing them
+    threads = max(1, (os.cpu_count() or 1) // len(options)) if cpu_only else None
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or database state
+    procs = [spawn.Process(target=_worker_process, args=(cfg, o, target, threads), name=f"hpo-worker-{i}")
+             for i, o in enumerate(options)]
+    # SIGINT stays blocked until each worker has its own process group; a Ctrl-C meanwhile waits for it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        codes = [p.wait() for p in procs]
+        for p in procs:
+            p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        for p in procs:
+            p.join()
     except KeyboardInterrupt:  # let the workers fail and queue again their trials, then stop
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
         for p in procs:
-            p.wait()
+            p.join()
         raise
+    codes = [p.exitcode for p in procs]
     if not any(codes):
         return None
     return (f"{sum(c != 0 for c in codes)} of {len(procs)} workers exited with an error "
@@ -312,5 +274,5 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
         set_target(handle, n_trials)
     gate(handle.study, cfg, data, device, skip=opts.skip_checks)  # returns at once if it passed before
     with Progress(handle, enabled=not quiet):
-        ran = work(handle, _trainer(handle, data, device, opts), opts.max_failures)
+        ran = work(handle, _trials(handle, data, device, opts), opts.max_failures)
     return {"study": cfg.study.name, "ran": ran, "finished": len(handle.trials(COUNTED))}

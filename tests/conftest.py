@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,32 +68,56 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 PG_ADMIN = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+MYSQL_ADMIN = os.environ.get("HPO_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
+KINDS = ["sqlite", "postgresql", "mysql"]  # the databases hpo coordinates workers on; CI runs both servers
+SERVERS = KINDS[1:]
+ADMIN_URLS = {"postgresql": PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1), "mysql": MYSQL_ADMIN}
+
+
+@contextlib.contextmanager
+def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of a new, empty database of ``kind``: a file under ``tmp_path``, or a database on the
+    real server, dropped afterwards."""
+    import sqlalchemy
+
+    name = f"hpo_test_{uuid.uuid4().hex[:10]}"
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / name}.db"
+        return
+    admin_url = sqlalchemy.engine.make_url(ADMIN_URLS[kind])
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            if kind == "mysql":  # a session left in a transaction would hold DROP DATABASE up (PostgreSQL: FORCE)
+                query = f"SELECT id FROM information_schema.processlist WHERE db = '{name}'"
+                for (session,) in conn.exec_driver_sql(query).all():
+                    with contextlib.suppress(sqlalchemy.exc.DBAPIError):  # it ended meanwhile
+                        conn.exec_driver_sql(f"KILL {session}")
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}" + (" WITH (FORCE)" if kind == "postgresql" else ""))
+        admin.dispose()
 
 
 @pytest.fixture
-def postgres_url():
+def postgres_url(tmp_path):
     """A new, empty database on the real PostgreSQL server, dropped afterwards."""
-    import psycopg
-
-    name = f"hpo_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("postgresql", tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request, tmp_path):
     """A fresh, real database of each kind: a SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'study.db'}"
-    return request.getfixturevalue("postgres_url")
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
 
 
 class CutProxy:
-    """A TCP proxy in front of PostgreSQL that can cut every connection, as an outage does."""
+    """A TCP proxy in front of a database server (PostgreSQL unless told) that can cut every connection,
+    as an outage does."""
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)):
         self.target, self.up, self.sockets = target, True, []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hpo.train import load_checkpoint
+from hpo.runs import load_checkpoint
 
 
 def hpo(*args: str, cwd=None) -> subprocess.CompletedProcess:

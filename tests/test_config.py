@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from hpo.config import Categorical, ConfigError, Range, load_study, parse_override
+from hpo.config import ConfigError, load_study, parse_override
+from hpo.space import Categorical, Range
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import hpo_cli
 
 from hpo.data import synthetic
-from hpo.train import load_checkpoint
+from hpo.runs import load_checkpoint
 
 STUDY = """augment = "none"
 [study]

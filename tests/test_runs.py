@@ -1,12 +1,15 @@
 import dataclasses
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
+import hpo
 from hpo.config import load_study
 from hpo.runs import git_revision, train_run
-from hpo.train import TrainingDiverged
+from hpo.train import Stop, TrainingDiverged
 
 
 def test_a_run_records_config_seed_and_revision(study_file, tmp_path):
@@ -16,14 +19,16 @@ def test_a_run_records_config_seed_and_revision(study_file, tmp_path):
     record = json.loads((run_dir / "config.json").read_text())
     assert record["seed"] == 7 and record["config"] == json.loads(json.dumps(cfg.to_dict()))
     assert record["git_revision"] == git_revision() and record["hostname"]
-    assert summary["run_dir"] == str(run_dir) and summary["epochs_run"] == 2
+    assert summary.run_dir == run_dir and summary.epochs_run == 2 and summary.stop == Stop.COMPLETED
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results == {**summary.to_dict(), "history": results["history"]} and len(results["history"]) == 2
 
 
 def test_two_runs_never_share_files(study_file, tmp_path):
     cfg = load_study(study_file(), {"train.epochs": 1})
     a = train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
     b = train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
-    assert a["checkpoint"] != b["checkpoint"] and a["best_val_acc"] == b["best_val_acc"]
+    assert a.checkpoint != b.checkpoint and a.best_val_acc == b.best_val_acc
 
 
 def test_a_failed_run_keeps_its_error(study_file, tmp_path):
@@ -43,9 +48,20 @@ def test_an_allocation_failure_is_out_of_memory(study_file, tmp_path):
         train_run(cfg, torch.device("cpu"), tmp_path / "runs", log=None)
 
 
-def test_a_copied_tree_takes_its_revision_from_the_environment(monkeypatch, tmp_path):
+def test_the_revision_is_the_checkout_s_commit(monkeypatch):
+    """Asked of git another way: ``git log`` for the commit, ``git diff`` for local changes."""
     monkeypatch.delenv("HPO_GIT_REVISION", raising=False)
-    assert git_revision() != "abc123"
+    here = Path(hpo.__file__).parent
+    log = subprocess.run(["git", "log", "-1", "--format=%H"], cwd=here, capture_output=True, text=True)
+    if log.returncode:  # a tree that is not a git checkout
+        assert git_revision() == "unknown"
+        return
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode != 0
+    assert git_revision() == log.stdout.strip() + ("+dirty" if dirty else "")
+    assert len(log.stdout.strip()) == 40
+
+
+def test_a_copied_tree_takes_its_revision_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HPO_GIT_REVISION", "abc123")
     assert git_revision() == "abc123"
     monkeypatch.delenv("HPO_GIT_REVISION")

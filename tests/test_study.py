@@ -64,8 +64,7 @@ def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n)
 def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_file, storage_url):
     import sqlalchemy
 
-    from hpo.study import pop_waiting, set_target, top_up
-    from hpo.worker import suggest
+    from hpo.study import pop_waiting, set_target, suggest, top_up
 
     cfg = load_study(study_file(SEARCH))
     handle = open_study(cfg, storage_url, create=True)
@@ -212,7 +211,8 @@ def test_bad_run_options(study_file, tmp_path, args, message):
 WORKER = """
 import json, sys
 from hpo import load_study, open_study
-from hpo.worker import suggest, work
+from hpo.study import suggest
+from hpo.worker import work
 handle = open_study(load_study(sys.argv[2]), sys.argv[1], create=False)
 def trivial(trial):
     handle.study.tell(trial, suggest(trial, handle.cfg)["train.lr"])

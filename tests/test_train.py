@@ -8,7 +8,8 @@ from hpo.augment import make_augment
 from hpo.config import DataConfig, ModelConfig, TrainConfig
 from hpo.data import synthetic, training_splits
 from hpo.models import build_model
-from hpo.train import TrainingDiverged, fit, load_checkpoint, resolve_device
+from hpo.runs import Checkpoints, load_checkpoint
+from hpo.train import Stop, TrainingDiverged, fit, resolve_device
 
 CPU = torch.device("cpu")
 
@@ -20,19 +21,20 @@ def splits(request):
                            torch.device(request.param))
 
 
-def run(splits, tmp_path, augment="none", model=None, resumable=False, graphs=None, **train):
-    graphs = {} if graphs is None else {"cuda_graphs": graphs}
+def run(splits, folder=None, augment="none", model=None, graphs=True, on_epoch=None, save_every=0.0, **train):
+    """``fit`` from seed 0; with ``folder``, under the checkpoint policy of hpo.runs in that folder."""
     torch.manual_seed(0)
-    net = build_model(model or ModelConfig()).to(splits[0].x.device)
-    result = fit(net, *splits, TrainConfig(**{"epochs": 4, **train}), make_augment(augment), tmp_path / "best.pt",
-                 resumable=resumable, **graphs)
+    net = build_model(model or ModelConfig()).to(splits.train.x.device)
+    checkpoints = Checkpoints(folder, save_every) if folder else None
+    result = fit(net, splits, TrainConfig(**{"epochs": 4, **train}), make_augment(augment), on_epoch, checkpoints,
+                 cuda_graphs=graphs)
     return net, result
 
 
 def test_fit_learns_and_reports_the_recipe_metrics(splits, tmp_path):
-    _, result = run(splits, tmp_path, epochs=6)
+    _, result = run(splits, epochs=6)
     assert result.best_val_acc > 0.9  # synthetic classes are easy
-    assert result.epochs_run == 6 and result.stop_reason == "completed"
+    assert result.epochs_run == 6 and result.stop == Stop.COMPLETED
     first, last = result.history[0], result.history[-1]
     assert last.loss < first.loss and 0 <= last.acc <= 1 and last.seconds > 0
     assert last.lr == pytest.approx(1e-3, rel=1e-6)  # a float32 tensor on CUDA
@@ -41,7 +43,7 @@ def test_fit_learns_and_reports_the_recipe_metrics(splits, tmp_path):
 
 
 def test_metrics_are_exact_means_over_samples(splits, tmp_path):
-    net, result = run(splits, tmp_path, epochs=1, lr=0.0)  # lr 0: the weights stay as evaluated
+    net, result = run(splits, epochs=1, lr=0.0)  # lr 0: the weights stay as evaluated
     train, val = splits
     with torch.no_grad():
         logits = net.eval()(val.x.reshape(len(val), -1).float() / 255)
@@ -49,32 +51,40 @@ def test_metrics_are_exact_means_over_samples(splits, tmp_path):
     assert result.history[0].val_loss == pytest.approx(torch.nn.functional.cross_entropy(logits, val.y).item(), 1e-5)
 
 
-def test_same_seed_same_run(splits, tmp_path):
-    a = run(splits, tmp_path / "a", augment="recipe", model=ModelConfig(batch_norm=True))[1]
-    b = run(splits, tmp_path / "b", augment="recipe", model=ModelConfig(batch_norm=True))[1]
+def test_same_seed_same_run(splits):
+    a = run(splits, augment="recipe", model=ModelConfig(batch_norm=True))[1]
+    b = run(splits, augment="recipe", model=ModelConfig(batch_norm=True))[1]
     strip = lambda r: [dataclasses.replace(s, seconds=0) for s in r.history]  # noqa: E731
     assert strip(a) == strip(b)
-    c = run(splits, tmp_path / "c", augment="recipe", model=ModelConfig(batch_norm=True), seed=1)[1]
+    c = run(splits, augment="recipe", model=ModelConfig(batch_norm=True), seed=1)[1]
     assert strip(a) != strip(c)
 
 
-def test_early_stopping_follows_the_recipe(splits, tmp_path):
+def test_early_stopping_follows_the_recipe(splits):
     # lr 0: val accuracy never improves after epoch 1, so the run stops `patience` epochs later.
-    _, result = run(splits, tmp_path, lr=0.0, epochs=50, patience=3)
-    assert (result.best_epoch, result.epochs_run, result.stop_reason) == (1, 4, "early_stopping")
+    _, result = run(splits, lr=0.0, epochs=50, patience=3)
+    assert (result.best_epoch, result.epochs_run, result.stop) == (1, 4, Stop.EARLY_STOPPING)
 
 
-def test_step_lr(splits, tmp_path):
-    _, result = run(splits, tmp_path, epochs=5, step_size=2, gamma=0.1)
+def test_step_lr(splits):
+    _, result = run(splits, epochs=5, step_size=2, gamma=0.1)
     assert [s.lr for s in result.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5], rel=1e-6)
 
 
-def test_best_epoch_checkpoint_is_what_the_model_ends_with(splits, tmp_path):
-    net, result = run(splits, tmp_path, epochs=5, optimizer="sgd", lr=0.5)
-    state = load_checkpoint(tmp_path / "best.pt", splits[0].x.device)  # weights_only=True inside
-    assert state["epoch"] == result.best_epoch and state["val_acc"] == result.best_val_acc
-    assert all(torch.equal(state["model"][k], v) for k, v in net.state_dict().items())
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
+@pytest.mark.parametrize("files", [False, True])
+def test_the_best_epoch_is_what_the_model_ends_with(splits, tmp_path, files):
+    """In memory without a checkpoint policy (the gate's checks), and as best.pt with one."""
+    net, result = run(splits, tmp_path if files else None, epochs=5, optimizer="sgd", lr=0.5)
+    assert result.best_epoch < result.epochs_run  # lr 0.5 overshoots: the last epoch is not the best
+    best = run(splits, epochs=result.best_epoch, optimizer="sgd", lr=0.5)[0]  # the same run, cut at its best epoch
+    assert all(torch.equal(best.state_dict()[k], v) for k, v in net.state_dict().items())
+    if files:
+        state = load_checkpoint(tmp_path / "best.pt", splits.train.x.device)  # weights_only=True inside
+        assert state["epoch"] == result.best_epoch and state["val_acc"] == result.best_val_acc
+        assert all(torch.equal(state["model"][k], v) for k, v in net.state_dict().items())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
+    else:
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
@@ -82,10 +92,8 @@ def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
     cfg = dict(model=ModelConfig(batch_norm=True), augment="recipe", step_size=2, gamma=0.5)
 
     def go(folder, epochs):
-        torch.manual_seed(0)
-        net = build_model(cfg["model"]).to(splits[0].x.device)
-        train = TrainConfig(epochs=epochs, step_size=cfg["step_size"], gamma=cfg["gamma"])
-        return fit(net, *splits, train, make_augment(cfg["augment"]), folder / "best.pt", resumable=True)
+        return run(splits, folder, cfg["augment"], cfg["model"], epochs=epochs, step_size=cfg["step_size"],
+                   gamma=cfg["gamma"])[1]
 
     whole = go(tmp_path / "whole", 6)
     go(tmp_path / "broken", 3)
@@ -107,37 +115,31 @@ def test_checkpoints_are_written_every_save_every_seconds_and_at_the_end(splits,
             seen["last"] = len(load_checkpoint(last)["history"]) if last.is_file() else None
             seen["best"] = (tmp_path / "best.pt").is_file()
 
-    torch.manual_seed(0)
-    net = build_model(ModelConfig()).to(splits[0].x.device)
-    result = fit(net, *splits, TrainConfig(epochs=5), make_augment("none"), tmp_path / "best.pt", on_epoch=on_epoch,
-                 resumable=True, save_every=save_every)
+    result = run(splits, tmp_path, on_epoch=on_epoch, save_every=save_every, epochs=5)[1]
     assert seen == {"last": on_disk_at_epoch_3, "best": on_disk_at_epoch_3 is not None}
     assert len(load_checkpoint(tmp_path / "last.pt")["history"]) == 5  # the end is always written
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == result.best_epoch
 
 
 def test_a_run_killed_after_it_stopped_early_stays_stopped(splits, tmp_path):
-    stopped = run(splits, tmp_path, lr=0.0, epochs=50, patience=3, resumable=True)[1]
-    again = run(splits, tmp_path, lr=0.0, epochs=50, patience=3, resumable=True)[1]
-    assert stopped.epochs_run == again.epochs_run == 4 and again.stop_reason == "early_stopping"
+    stopped = run(splits, tmp_path, lr=0.0, epochs=50, patience=3)[1]
+    again = run(splits, tmp_path, lr=0.0, epochs=50, patience=3)[1]
+    assert stopped.epochs_run == again.epochs_run == 4 and again.stop == Stop.EARLY_STOPPING
 
 
-def test_on_epoch_can_stop_the_run(splits, tmp_path):
+def test_on_epoch_can_stop_the_run(splits):
     seen = []
-    torch.manual_seed(0)
-    net = build_model(ModelConfig()).to(splits[0].x.device)
-    result = fit(net, *splits, TrainConfig(epochs=10), make_augment("none"), tmp_path / "best.pt",
-                 on_epoch=lambda s: seen.append(s.epoch) or ("pruned" if s.epoch == 2 else None))
-    assert seen == [1, 2] and result.stop_reason == "pruned" and result.epochs_run == 2
+    result = run(splits, on_epoch=lambda s: seen.append(s.epoch) or s.epoch == 2, epochs=10)[1]
+    assert seen == [1, 2] and result.stop == Stop.REQUESTED and result.epochs_run == 2
 
 
-def test_divergence_is_an_error_not_a_result(splits, tmp_path):
+def test_divergence_is_an_error_not_a_result(splits):
     torch.manual_seed(0)
-    net = build_model(ModelConfig()).to(splits[0].x.device)
+    net = build_model(ModelConfig()).to(splits.train.x.device)
     with torch.no_grad():
         net[0].weight[0, 0] = float("inf")  # inf - inf in the logits: NaN loss
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
-        fit(net, *splits, TrainConfig(epochs=3), make_augment("none"), tmp_path / "best.pt")
+        fit(net, splits, TrainConfig(epochs=3), make_augment("none"))
 
 
 def test_device_names():
@@ -161,9 +163,9 @@ def test_cuda_graphs_train_as_eager_steps_do(tmp_path, monkeypatch, device, opti
                              torch.device(device))
     kw = dict(augment="recipe", model=ModelConfig(batch_norm=True), epochs=5, batch_size=32, step_size=2,
               gamma=0.5, optimizer=optimizer, lr=0.01)
-    eager = run(splits, tmp_path / "eager", graphs=False, **kw)[1]
+    eager = run(splits, graphs=False, **kw)[1]
     assert not replays
-    graphed = run(splits, tmp_path / "graphed", graphs=True, **kw)[1]
+    graphed = run(splits, graphs=True, **kw)[1]
     assert len(replays) == 5 * (300 // 32) - 3  # every full batch but the warm-up; 300 % 32 run eagerly
     for a, b in zip(eager.history, graphed.history, strict=True):
         assert a.epoch == b.epoch and a.lr == pytest.approx(b.lr, rel=1e-6)  # the graphs' lr is a float32 tensor
