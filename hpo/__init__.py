@@ -23,7 +23,16 @@ if "OMP_WAIT_POLICY" not in os.environ:
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
 from hpo.checks import CheckReport, GateFailed, gate, run_checks
 from hpo.config import ConfigError, StudyConfig, load_study
-from hpo.data import DataError, ImageData, TrainVal, load_data, make_splits, synthetic, training_splits
+from hpo.data import (
+    DataError,
+    ImageData,
+    TrainVal,
+    load_data,
+    make_splits,
+    resolve_device,
+    synthetic,
+    training_splits,
+)
 from hpo.faults import TooManyFailures
 from hpo.files import WriteError
 from hpo.models import build_model
@@ -34,11 +43,11 @@ from hpo.runs import Checkpoints, RunSummary, load_checkpoint, train_run
 from hpo.space import Categorical, Distribution, Range
 from hpo.storage import DEFAULT_STORAGE
 from hpo.study import StudyError, best_trial, open_study, read_study
-from hpo.train import EpochStats, FitResult, LoopState, Stop, TrainingDiverged, fit, resolve_device
+from hpo.train import EpochLog, EpochStats, FitResult, LoopState, Stop, TrainingDiverged, fit
 from hpo.worker import Options, join_study, run_study
 
 __all__ = [
-    "DEFAULT_STORAGE", "Attempt", "Categorical", "CheckReport", "Checkpoints", "ConfigError", "DataError",
+    "DEFAULT_STORAGE", "Attempt", "Categorical", "EpochLog", "CheckReport", "Checkpoints", "ConfigError", "DataError",
     "Distribution", "EpochStats", "FitResult", "GateFailed", "ImageData", "LoopState", "Options", "Outcome", "Range",
     "RetrainResult", "RunSummary", "Stop", "StudyConfig", "StudyError", "TooManyFailures", "TrainVal",
     "TrainingDiverged", "WriteError", "best_trial", "build_model", "explore", "fit", "gate", "join_study",

@@ -26,7 +26,7 @@ def _config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> St
 
 
 def _device(name: str):
-    from hpo.train import resolve_device
+    from hpo.data import resolve_device
 
     try:
         return resolve_device(name)

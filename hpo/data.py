@@ -235,6 +235,23 @@ class DeviceSplit:
         return len(self.y)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or cuda:N")
+    return device
+
+
 def to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> DeviceSplit:
     """Copy ``[N, H, W, C]`` images once to the device as ``[N, C, H, W]``, staying uint8 (4x less
     memory and transfer than float). Channels first keeps the batched augmentation's ops contiguous."""

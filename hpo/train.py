@@ -70,23 +70,6 @@ class FitResult:
         return len(self.history)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else must exist here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig, graphs: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimizer, fused: one kernel over all parameters (CPU and CUDA alike).
 
@@ -172,28 +155,21 @@ def evaluate(model: nn.Module, split: DeviceSplit) -> tuple[float, float]:
     return loss_sum / len(split), correct / len(split)
 
 
-class LoopState:
-    """Everything of a run except the model's weights that it needs to go on exactly where it
-    stopped: optimizer, scheduler, the generator that shuffles and augments, the history, the best
-    epoch and the epochs since. Like torch's stateful objects it owns ``state_dict`` and
-    ``load_state_dict``. ``best_weights``, a copy on the device, is what ``best.pt`` holds."""
+class EpochLog:
+    """A run's epochs so far: the history, the best epoch (its val_acc, and its weights as a copy on
+    the device: the recipe's ``ckpt.pt``) and the epochs since it."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, graphs: bool):
-        device = next(model.parameters()).device
-        self.optimizer = make_optimizer(model, cfg, graphs)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.step_size, cfg.gamma) if cfg.step_size \
-            else None
-        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+    def __init__(self) -> None:
         self.history: list[EpochStats] = []
         self.best_epoch, self.best_val_acc, self.since_best = 0, 0.0, 0
         self.best_weights: dict[str, torch.Tensor] = {}
 
-    def record(self, stats: EpochStats, model: nn.Module) -> None:
-        """An epoch's stats; the recipe's best-epoch checkpoint, kept on the device."""
+    def record(self, stats: EpochStats, weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """An epoch's stats; ``weights`` gives the model's, copied when the epoch is the best so far."""
         self.history.append(stats)
         if stats.val_acc > self.best_val_acc or self.best_epoch == 0:
             self.best_val_acc, self.best_epoch, self.since_best = stats.val_acc, stats.epoch, 0
-            self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.best_weights = {k: v.detach().clone() for k, v in weights().items()}
         else:
             self.since_best += 1
 
@@ -201,20 +177,44 @@ class LoopState:
         """Early stopping: ``patience`` epochs without a better val_acc (0: never)."""
         return bool(patience) and self.since_best >= patience
 
+    def result(self, stop: Stop, seconds: float, train_samples_per_s: float, resumed: int) -> FitResult:
+        return FitResult(tuple(self.history), self.best_epoch, self.best_val_acc, stop, seconds, train_samples_per_s,
+                         resumed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dataclasses.asdict(s) for s in self.history], "best_epoch": self.best_epoch,
+                "best_val_acc": self.best_val_acc, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.best_epoch, self.best_val_acc, self.since_best = state["best_epoch"], state["best_val_acc"], \
+            state["since_best"]
+
+
+class LoopState(EpochLog):
+    """Everything of a run except the model's weights that it needs to go on exactly where it
+    stopped: the epoch log, the optimizer, the scheduler and the generator that shuffles and
+    augments. Like torch's stateful objects it owns ``state_dict`` and ``load_state_dict``."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, graphs: bool):
+        super().__init__()
+        device = next(model.parameters()).device
+        self.optimizer = make_optimizer(model, cfg, graphs)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.step_size, cfg.gamma) if cfg.step_size \
+            else None
+        self.generator = torch.Generator(device).manual_seed(cfg.seed)
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "generator": self.generator.get_state(), "history": [dataclasses.asdict(s) for s in self.history],
-                "best_epoch": self.best_epoch, "best_val_acc": self.best_val_acc, "since_best": self.since_best}
+                "generator": self.generator.get_state(), **super().state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())  # a generator's state is a CPU tensor, even a CUDA one's
-        self.history = [EpochStats(**h) for h in state["history"]]
-        self.best_epoch, self.best_val_acc, self.since_best = state["best_epoch"], state["best_val_acc"], \
-            state["since_best"]
+        super().load_state_dict(state)
 
 
 class Checkpoints(Protocol):
@@ -274,7 +274,7 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
             raise TrainingDiverged(f"loss is {stats.loss} at epoch {epoch} (lr {lr:g}); lower train.lr")
 
         # -- the recipe's best-epoch checkpoint, its StepLR and early stopping
-        state.record(stats, model)
+        state.record(stats, model.state_dict)
         if state.scheduler:
             state.scheduler.step()
         if on_epoch and on_epoch(stats):
@@ -286,5 +286,5 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
 
     # -- end: the best epoch's weights, as the recipe reloads its ckpt.pt
     model.load_state_dict(state.best_weights)
-    return FitResult(tuple(state.history), state.best_epoch, state.best_val_acc, stop or Stop.COMPLETED, seconds,
-                     train_samples / train_seconds if train_seconds else 0.0, resumed)
+    return state.result(stop or Stop.COMPLETED, seconds, train_samples / train_seconds if train_seconds else 0.0,
+                        resumed)

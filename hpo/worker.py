@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from hpo.checks import gate
 from hpo.config import StudyConfig
-from hpo.data import ImageData, load_data, make_splits
+from hpo.data import ImageData, load_data, make_splits, resolve_device
 from hpo.exits import WorkersFailed, run_command
 from hpo.faults import check_failure_budget, reap
 from hpo.files import store_artifact, writing
@@ -33,7 +33,6 @@ from hpo.runner import Outcome, run_trial, say
 from hpo.runs import RunSummary, new_run_dir, resume_history, train_run
 from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, mask
 from hpo.study import COUNTED, StudyHandle, check_target, open_study, pop_waiting, set_target, suggest, top_up
-from hpo.train import resolve_device
 
 IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
 

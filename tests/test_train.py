@@ -6,10 +6,10 @@ from conftest import DEVICES, ON_CUDA
 
 from hpo.augment import make_augment
 from hpo.config import DataConfig, ModelConfig, TrainConfig
-from hpo.data import synthetic, training_splits
+from hpo.data import resolve_device, synthetic, training_splits
 from hpo.models import build_model
 from hpo.runs import Checkpoints, load_checkpoint
-from hpo.train import Stop, TrainingDiverged, fit, resolve_device
+from hpo.train import Stop, TrainingDiverged, fit
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,101 @@
+"""Population training against one trial after another: the recipe study's first K seeded draws
+(lr x batch size, batch norm, recipe augmentation), trained by hpo's solo ``fit`` one after the
+other in one process, as one population (every batch padded to the largest), and as one
+population per batch size.
+
+    python bench/population.py --data ../shared/data/cifar10-jpeg [--device cpu] [--trials 8] [--epochs 3]
+
+Prints a markdown table and writes it, with a JSON twin, to bench/results/population-<device>.*,
+naming the machine. Times are wall seconds of training (data loading excluded), the median of
+interleaved repeats; trials/hour follow from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine import add_common_args, machine, write_results  # noqa: E402
+
+from hpo import build_model, fit, load_data, load_study, make_augment, resolve_device  # noqa: E402
+from hpo.config import parse_override  # noqa: E402
+from hpo.data import training_splits  # noqa: E402
+from hpo.population import Member, fit_population  # noqa: E402
+from hpo.study import draw  # noqa: E402
+
+STUDY = HERE.parent / "studies" / "recipe-random-search.toml"
+
+
+def sequential(cfgs, splits) -> list[float]:
+    out = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model).to(splits.train.x.device)
+        out.append(fit(model, splits, cfg.train, make_augment(cfg.augment)).best_val_acc)
+    return out
+
+
+def population(cfgs, splits, group_by_batch_size: bool) -> list[float]:
+    groups = defaultdict(list)
+    for i, cfg in enumerate(cfgs):
+        groups[cfg.train.batch_size if group_by_batch_size else 0].append(i)
+    best = [0.0] * len(cfgs)
+    for members in groups.values():
+        results = fit_population(cfgs[0].model, cfgs[0].train.optimizer,
+                                 [Member(cfgs[i].train, make_augment(cfgs[i].augment)) for i in members], splits)
+        for i, r in zip(members, results, strict=True):
+            best[i] = r.best_val_acc
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--trials", type=int, default=8, help="the study's first K draws")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per trial")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved; medians reported")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    cfg = load_study(STUDY, {"data.path": args.data, "train.epochs": args.epochs, "train.patience": 0,
+                             **dict(parse_override(p) for p in args.param)})
+    cfgs = [cfg.with_params(draw(cfg, i)) for i in range(args.trials)]
+    splits = training_splits(load_data(args.data), cfg.data, device)
+    ways = {"one after another (solo fit)": lambda: sequential(cfgs, splits),
+            "one population, batches padded to the largest": lambda: population(cfgs, splits, False),
+            "one population per batch size": lambda: population(cfgs, splits, True)}
+    seconds, best = defaultdict(list), {}
+    for rep in range(args.repeats + 1):  # interleaved; the first round only warms up
+        for name, run in ways.items():
+            t0 = time.perf_counter()
+            best[name] = run()
+            if rep:
+                seconds[name].append(time.perf_counter() - t0)
+            print(name, round(time.perf_counter() - t0, 1), "s", flush=True)
+    base = statistics.median(seconds["one after another (solo fit)"])
+    rows = [{"way": name, "seconds": round(statistics.median(s), 2), "per_repeat": [round(x, 1) for x in s],
+             "trials_per_hour": round(args.trials * 3600 / statistics.median(s)),
+             "speedup": round(base / statistics.median(s), 2), "best_val_acc": round(max(best[name]), 4),
+             "val_acc_per_trial": [round(v, 4) for v in best[name]]} for name, s in seconds.items()]
+    header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "trials": args.trials, "epochs": args.epochs,
+              "repeats": args.repeats, "data": args.data, "params": args.param,
+              "draws (lr, batch size)": [(c.train.lr, c.train.batch_size) for c in cfgs]}
+    body = ["| way | seconds (median) | per repeat | trials/hour | speedup | best val acc |",
+            "|---|---|---|---|---|---|",
+            *(f"| {r['way']} | {r['seconds']} | {', '.join(map(str, r['per_repeat']))} | {r['trials_per_hour']} | "
+              f"{r['speedup']}x | {r['best_val_acc']} |" for r in rows)]
+    write_results(Path(args.out), f"population-{device.type}", "Population training against one trial after another",
+                  header, body, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Population training: K members of one model shape train together, their weights, gradients and
+optimizer state stacked on a leading member dimension, each with its own hyperparameters, batches
+and stopping. No Optuna here, as in ``train``: a study drives members through ``on_epoch``.
+
+A member sees exactly what a solo ``fit`` with its seed and parameters sees: its initial weights
+come from ``build_model`` after ``torch.manual_seed(seed)``, and its batches and augmentation draws
+from its own generator through the same ``augment.batches``. Members may differ in lr, batch size,
+weight decay, momentum, StepLR, patience, epochs and augmentation. A step pads every member's
+batch to the largest with a row mask, so that a member's loss, gradients and batch norm statistics
+come from its own rows only; a member whose epoch has no batch left waits, untouched, until the
+others' epochs end. Members with another model shape or optimizer type need another population.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpo.augment import Augment
+from hpo.config import ModelConfig, TrainConfig
+from hpo.data import TrainVal
+from hpo.models import build_model
+from hpo.train import EVAL_BATCH, EpochLog, EpochStats, FitResult, Stop, TrainingDiverged
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the solo loop uses
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm1d's defaults
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member's training: its hyperparameters and how its batches are made."""
+
+    train: TrainConfig
+    augment: Augment
+
+
+class _Slot(EpochLog):
+    """A member's own progress: its epoch log, generator, batches of the running epoch, stopping."""
+
+    def __init__(self, member: Member, device: torch.device):
+        super().__init__()
+        self.member, self.cfg = member, member.train
+        self.generator = torch.Generator(device).manual_seed(member.train.seed)
+        self.batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+        self.seen, self.samples, self.seconds, self.train_seconds = 0, 0, 0.0, 0.0
+        self.stop: Stop | None = None
+        self.error: TrainingDiverged | None = None
+
+    def lr(self) -> float:
+        """StepLR's lr for the epoch about to run, multiplied out as StepLR does."""
+        lr = self.cfg.lr
+        for epoch in range(1, len(self.history) + 1):
+            lr *= self.cfg.gamma if self.cfg.step_size and epoch % self.cfg.step_size == 0 else 1.0
+        return lr
+
+
+class Population:
+    """K members in stacked tensors. ``params`` and ``buffers`` hold a solo model's names (``0.weight``,
+    ``1.running_mean``...) with a leading member dimension, so a member's slice is a solo state dict."""
+
+    def __init__(self, model: ModelConfig, optimizer: str, members: Sequence[Member], data: TrainVal,
+                 num_classes: int = 10):
+        self.model_cfg, self.optimizer, self.data = model, optimizer, data
+        device, in_features = data.train.x.device, data.train.x[0].numel()
+        solos = []
+        for member in members:  # each member's initial weights are its solo run's
+            torch.manual_seed(member.train.seed)
+            solos.append(build_model(model, in_features, num_classes).to(device))
+        self.layers = list(solos[0])
+        self.params = {k: torch.stack([dict(s.named_parameters())[k].detach() for s in solos]).requires_grad_()
+                       for k, _ in solos[0].named_parameters()}
+        self.buffers = {k: torch.stack([dict(s.named_buffers())[k] for s in solos])
+                        for k, _ in solos[0].named_buffers()}
+        self.moments = {k: (torch.zeros_like(p), torch.zeros_like(p)) for k, p in self.params.items()}
+        self.steps = torch.zeros(len(members), dtype=torch.float64, device=device)
+        self.slots = [_Slot(m, device) for m in members]
+        hyper = [[m.train.weight_decay, m.train.momentum] for m in members]
+        self.decays = any(m.train.weight_decay for m in members)  # torch skips the term when it is 0
+        self.weight_decay, self.momentum = torch.tensor(hyper, device=device).T
+
+    def member_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Member ``k``'s weights as a solo model's ``state_dict``."""
+        return {name: t[k] for name, t in (self.params | self.buffers).items()}
+
+    # -- the stacked network: x [K, B, features], mask [K, B] (1 for a member's own rows)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Linear):
+                x = torch.baddbmm(self.params[f"{i}.bias"].unsqueeze(1), x, self.params[f"{i}.weight"].transpose(1, 2))
+            elif isinstance(layer, nn.BatchNorm1d):
+                x = self._batch_norm(i, x, mask)
+            elif isinstance(layer, nn.ReLU):
+                x = x.relu()
+            elif isinstance(layer, nn.Dropout) and dropout:
+                x = F.dropout(x, layer.p)
+        return x
+
+    def _batch_norm(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Per member: in training (``mask`` given) the statistics of its own rows, and its running
+        statistics updated as BatchNorm1d does; in evaluation its running statistics."""
+        mean, var = self.buffers[f"{i}.running_mean"], self.buffers[f"{i}.running_var"]
+        if mask is not None:
+            n = mask.sum(1, keepdim=True)  # [K, 1]
+            rows = mask.unsqueeze(2)
+            batch_mean = (x * rows).sum(1) / n.clamp(min=1)
+            batch_var = (((x - batch_mean.unsqueeze(1)) * rows) ** 2).sum(1) / n.clamp(min=1)
+            with torch.no_grad():
+                live = n > 0
+                mean.copy_(torch.where(live, mean.lerp(batch_mean, BN_MOMENTUM), mean))
+                unbiased = batch_var * n / (n - 1).clamp(min=1)
+                var.copy_(torch.where(live, var.lerp(unbiased, BN_MOMENTUM), var))
+                self.buffers[f"{i}.num_batches_tracked"] += live.squeeze(1).long()
+            mean, var = batch_mean, batch_var
+        x = (x - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + BN_EPS)
+        return x * self.params[f"{i}.weight"].unsqueeze(1) + self.params[f"{i}.bias"].unsqueeze(1)
+
+    # -- one optimizer step for the members that had a batch (``live``); the others stay as they were
+
+    @torch.no_grad()
+    def _update(self, lr: torch.Tensor, live: torch.Tensor, all_live: bool) -> None:
+        """``lr``: float64, as torch's optimizers hold it. The arithmetic is torch's fused kernels', op
+        for op: Adam divides updates by tiny second moments, so a rounding apart grows into a
+        different run within a few steps. Members without a batch (``live`` False) keep their state."""
+        self.steps += live
+        (b1, b2), t = ADAM_BETAS, self.steps
+        step_size, bc2_sqrt = (lr / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()
+        for name, p in self.params.items():
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            g = p.grad.add_(p * self.weight_decay.view(shape)) if self.decays else p.grad
+            m, v = self.moments[name]
+            old = None if all_live else (p.clone(), m.clone(), v.clone())
+            if self.optimizer == "adam":
+                m.mul_(b1).add_(g * (1 - b1))
+                v.mul_(b2).add_(g * g * (1 - b2))
+                p.sub_(step_size.view(shape) * m / v.sqrt().div_(bc2_sqrt.view(shape)).add_(ADAM_EPS))
+            else:  # SGD with momentum: the first step's buffer is the gradient itself
+                m.copy_(torch.where((t == 1).view(shape), g, m * self.momentum.view(shape) + g))
+                p.sub_(lr.float().view(shape) * m)
+            if old is not None:
+                on = live.view(shape)
+                for now, before in zip((p, m, v), old, strict=True):
+                    now.copy_(torch.where(on, now, before))
+            p.grad = None
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: torch.Tensor, sums: torch.Tensor,
+              all_live: bool) -> None:
+        logits = self.forward(x, mask, dropout=True)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mask) * mask
+        n = mask.sum(1)
+        (losses.sum(1) / n.clamp(min=1)).sum().backward()  # each member's mean: its solo gradient
+        self._update(lr, n > 0, all_live)
+        sums[:, 0] += losses.detach().sum(1)
+        sums[:, 1] += ((logits.argmax(2) == y) * mask).sum(1)
+
+    def _evaluate(self, sums: torch.Tensor) -> None:
+        """Summed val loss and correct count of every member, in chunks that bound memory."""
+        val = self.data.val
+        with torch.no_grad():
+            for xb, yb in zip(val.x.split(EVAL_BATCH), val.y.split(EVAL_BATCH), strict=True):
+                x = (xb.reshape(len(xb), -1).float() / 255.0).expand(len(self.slots), -1, -1)
+                logits = self.forward(x, None, dropout=False)
+                sums[:, 2] += F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(self.slots)),
+                                              reduction="none").view(len(self.slots), -1).sum(1)
+                sums[:, 3] += (logits.argmax(2) == yb).sum(1)
+
+    def epoch(self, on_epoch: Callable[[int, EpochStats], bool] | None = None) -> None:
+        """One epoch of every running member: its batches, then validation, stopping, a log line."""
+        # -- train: each step takes every running member's next batch, padded to the largest
+        t0, device, k = time.perf_counter(), self.data.train.x.device, len(self.slots)
+        running = [s.stop is None for s in self.slots]
+        for slot, run in zip(self.slots, running, strict=True):
+            slot.seen = 0
+            if run:
+                slot.batches = slot.member.augment.batches(self.data.train, slot.cfg.batch_size, slot.generator)
+        lrs = [s.lr() for s in self.slots]
+        lr, sums = torch.tensor(lrs, dtype=torch.float64, device=device), torch.zeros(k, 4, device=device)
+        while True:
+            batches = [next(s.batches, None) if run else None for s, run in zip(self.slots, running, strict=True)]
+            if all(b is None for b in batches):
+                break
+            width = max(len(b[1]) for b in batches if b is not None)
+            x = torch.zeros(k, width, self.data.train.x[0].numel(), device=device)
+            y = torch.zeros(k, width, dtype=torch.long, device=device)
+            mask = torch.zeros(k, width, device=device)
+            for i, b in enumerate(batches):
+                if b is not None:
+                    x[i, :len(b[1])], y[i, :len(b[1])], mask[i, :len(b[1])] = b[0], b[1], 1.0
+                    self.slots[i].seen += len(b[1])
+            self._step(x, y, mask, lr, sums, all(b is not None for b in batches))
+        t_train = time.perf_counter() - t0
+
+        # -- validate, once for all members; the epoch's one sync
+        self._evaluate(sums)
+        seconds = time.perf_counter() - t0
+        for i, (slot, row) in enumerate(zip(self.slots, sums.tolist(), strict=True)):
+            if not running[i]:
+                continue
+            loss_sum, correct, val_loss_sum, val_correct = row
+            stats = EpochStats(len(slot.history) + 1, loss_sum / slot.seen, correct / slot.seen,
+                               val_loss_sum / len(self.data.val), val_correct / len(self.data.val), lrs[i], seconds)
+            slot.seconds, slot.train_seconds, slot.samples = slot.seconds + seconds, slot.train_seconds + t_train, \
+                slot.samples + slot.seen
+            # -- stopping, member by member: divergence fails this member alone
+            if not math.isfinite(stats.loss):  # it stops; result() gives its error
+                slot.stop, slot.error = Stop.COMPLETED, TrainingDiverged(
+                    f"loss is {stats.loss} at epoch {stats.epoch} (lr {lrs[i]:g}); lower train.lr")
+                continue
+            slot.record(stats, lambda i=i: self.member_state(i))
+            if on_epoch and on_epoch(i, stats):
+                slot.stop = Stop.REQUESTED
+            elif slot.out_of_patience(slot.cfg.patience):
+                slot.stop = Stop.EARLY_STOPPING
+            elif stats.epoch == slot.cfg.epochs:
+                slot.stop = Stop.COMPLETED
+
+    def result(self, k: int) -> FitResult | TrainingDiverged:
+        """Member ``k``'s result, as a solo ``fit`` returns it, or the error it diverged with."""
+        slot = self.slots[k]
+        if slot.error is not None:
+            return slot.error
+        return slot.result(slot.stop or Stop.COMPLETED, slot.seconds,
+                           slot.samples / slot.train_seconds if slot.train_seconds else 0.0, 0)
+
+
+def fit_population(model: ModelConfig, optimizer: str, members: Sequence[Member], data: TrainVal,
+                   num_classes: int = 10,
+                   on_epoch: Callable[[int, EpochStats], bool] | None = None) -> list[FitResult | TrainingDiverged]:
+    """Train ``members`` together until each has stopped; their results in order. ``on_epoch(k,
+    stats)`` sees member k's epochs and returns True to stop it (its pruner)."""
+    population = Population(model, optimizer, members, data, num_classes)
+    while any(s.stop is None for s in population.slots):
+        population.epoch(on_epoch)
+    return [population.result(k) for k in range(len(members))]

@@ -1,0 +1,102 @@
+"""Population training: a member trained among others is the run it would be alone, and it stops,
+is pruned or fails on its own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hpo.augment import make_augment
+from hpo.config import DataConfig, ModelConfig, TrainConfig
+from hpo.data import synthetic, training_splits
+from hpo.models import build_model
+from hpo.population import Member, Population, fit_population
+from hpo.train import FitResult, Stop, TrainingDiverged, fit
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300), CPU)
+
+
+def solo(splits, model: ModelConfig, cfg: TrainConfig, augment: str = "none", on_epoch=None) -> FitResult:
+    """The member's run alone, as hpo.runs.train_run seeds it."""
+    torch.manual_seed(cfg.seed)
+    return fit(build_model(model), splits, cfg, make_augment(augment), on_epoch)
+
+
+@pytest.mark.parametrize("model, optimizer", [
+    (ModelConfig(), "adam"),
+    (ModelConfig(batch_norm=True), "adam"),
+    (ModelConfig(batch_norm=True, depth=3, hidden=64), "sgd"),
+])
+def test_each_member_is_its_solo_run(splits, model, optimizer):
+    """Members of different lr, batch size, weight decay, momentum, StepLR, seed and augmentation in one
+    population: per epoch the train loss and val accuracy of a solo fit, within float tolerance."""
+    base = TrainConfig(optimizer=optimizer, epochs=5)
+    cfgs = [dataclasses.replace(base, lr=0.01 if optimizer == "sgd" else 1e-3, batch_size=32),
+            dataclasses.replace(base, lr=0.05 if optimizer == "sgd" else 3e-3, batch_size=64, weight_decay=1e-3),
+            dataclasses.replace(base, lr=0.02 if optimizer == "sgd" else 5e-4, batch_size=16, momentum=0.5,
+                                step_size=2, gamma=0.5, seed=3)]
+    augments = ["none", "recipe", "none"]
+    members = [Member(c, make_augment(a)) for c, a in zip(cfgs, augments, strict=True)]
+    together = fit_population(model, optimizer, members, splits)
+    # The batched matmuls round other than the solo run's by an ulp. Adam divides each update by a
+    # second moment, so a weight whose true gradient is zero (a bias before batch norm) takes
+    # lr-sized steps from rounding noise, in either run; batch norm cancels them in training, and
+    # eval sees them through the running mean. Everywhere else the runs agree to float32's rounding.
+    rel = 5e-2 if model.batch_norm and optimizer == "adam" else 1e-4
+    for cfg, augment, got in zip(cfgs, augments, together, strict=True):
+        alone = solo(splits, model, cfg, augment)
+        assert [s.epoch for s in got.history] == [1, 2, 3, 4, 5] and got.stop == alone.stop == Stop.COMPLETED
+        for a, b in zip(alone.history, got.history, strict=True):
+            assert abs(a.val_acc - b.val_acc) <= 0.002, (cfg, a, b)
+            assert b.loss == pytest.approx(a.loss, rel=rel / 5) and b.val_loss == pytest.approx(a.val_loss, rel=rel)
+            assert b.lr == a.lr and b.acc == pytest.approx(a.acc, abs=0.01)
+        assert got.best_epoch == alone.best_epoch
+
+
+@pytest.mark.parametrize("model", [ModelConfig(), ModelConfig(batch_norm=True)])
+def test_the_best_weights_are_the_solo_run_s(splits, model):
+    """As a solo model's state_dict (batch norm's running statistics included): best.pt as today."""
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    population = Population(model, "sgd", [Member(cfg, make_augment("none"))] * 2, splits)
+    for _ in range(3):
+        population.epoch()
+    torch.manual_seed(cfg.seed)
+    alone = build_model(model)
+    fit(alone, splits, cfg, make_augment("none"))
+    for k in range(2):
+        best = population.slots[k].best_weights
+        assert best.keys() == alone.state_dict().keys()  # a solo model's state_dict: best.pt as today
+        for name, value in alone.state_dict().items():
+            assert torch.allclose(best[name].float(), value.float(), atol=1e-4), name
+
+
+def test_members_stop_on_their_own(splits):
+    """Early stopping (lr 0: no epoch beats the first), pruning, the last epoch and divergence are each
+    one member's business; the others go on and end as they would alone."""
+    base = TrainConfig(epochs=6, batch_size=32)
+    members = [Member(dataclasses.replace(base, lr=0.0, patience=2), make_augment("none")),
+               Member(base, make_augment("none")),
+               Member(dataclasses.replace(base, epochs=3), make_augment("none")),
+               Member(dataclasses.replace(base, optimizer="adam", lr=1e30), make_augment("none"))]
+    seen: dict[int, list[int]] = {}
+
+    def prune_member_1_at_epoch_4(k: int, stats) -> bool:
+        seen.setdefault(k, []).append(stats.epoch)
+        return k == 1 and stats.epoch == 4
+
+    early, pruned, short, diverged = fit_population(ModelConfig(), "adam", members, splits,
+                                                    on_epoch=prune_member_1_at_epoch_4)
+    assert (early.stop, early.epochs_run, early.best_epoch) == (Stop.EARLY_STOPPING, 3, 1)
+    assert (pruned.stop, pruned.epochs_run) == (Stop.REQUESTED, 4)
+    assert (short.stop, short.epochs_run) == (Stop.COMPLETED, 3)
+    assert isinstance(diverged, TrainingDiverged) and "lower train.lr" in str(diverged)
+    assert seen[0] == [1, 2, 3] and seen[1] == [1, 2, 3, 4] and seen[2] == [1, 2, 3] and 3 not in seen
+    alone = solo(splits, ModelConfig(), dataclasses.replace(base, epochs=3))
+    assert [round(s.val_acc, 3) for s in short.history] == [round(s.val_acc, 3) for s in alone.history]
