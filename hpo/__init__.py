@@ -3,10 +3,11 @@
 The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
 ``runs`` records one training run and its checkpoints, ``config`` reads study files and ``space``
 their search space, ``storage`` opens the database, ``runner`` turns how a trial ended into the one
-state told, ``worker`` pops and runs trials and ``progress`` shows them, ``faults`` handles trials
-that nobody runs and studies whose trials keep failing, ``files`` writes files whole or not at
-all, ``report`` draws data and studies, ``retrain`` is the recipe's last step, ``exits`` says how a
-command ends, ``cli`` is the ``hpo`` command.
+state told, ``worker`` pops and runs trials one at a time and ``members`` many at once as one
+``population`` (``slots`` holds what the two share), ``progress`` shows them, ``faults`` handles
+trials that nobody runs and studies whose trials keep failing, ``files`` writes files whole or not
+at all, ``report`` draws data and studies, ``retrain`` is the recipe's last step, ``exits`` says how
+a command ends, ``cli`` is the ``hpo`` command.
 """
 
 # ruff: noqa: E402  (the environment must be set before torch, imported below, loads OpenMP)
@@ -40,11 +41,12 @@ from hpo.report import explore, study_report
 from hpo.retrain import RetrainResult, retrain
 from hpo.runner import Attempt, Outcome
 from hpo.runs import Checkpoints, RunSummary, load_checkpoint, train_run
+from hpo.slots import Options
 from hpo.space import Categorical, Distribution, Range
 from hpo.storage import DEFAULT_STORAGE
 from hpo.study import StudyError, best_trial, open_study, read_study
 from hpo.train import EpochLog, EpochStats, FitResult, LoopState, Stop, TrainingDiverged, fit
-from hpo.worker import Options, join_study, run_study
+from hpo.worker import join_study, run_study
 
 __all__ = [
     "DEFAULT_STORAGE", "Attempt", "Categorical", "EpochLog", "CheckReport", "Checkpoints", "ConfigError", "DataError",

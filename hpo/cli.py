@@ -68,9 +68,8 @@ def _options(args: argparse.Namespace):
 
     _positive("--n-trials", args.n_trials)
     _device(args.device if args.device != "auto" else "cpu")  # an unknown name fails before anything starts
-    _positive("--heartbeat", args.heartbeat)
-    _positive("--grace", args.grace)
-    _positive("--max-failures", args.max_failures)
+    for flag in ("--heartbeat", "--grace", "--max-failures", "--population"):
+        _positive(flag, getattr(args, flag[2:].replace("-", "_")))
     if not 0 <= args.db_timeout < float("inf"):  # also NaN
         raise UsageError(f"--db-timeout must be 0 (give up at once) or more seconds, got {args.db_timeout}")
     if args.grace <= args.heartbeat:
@@ -79,7 +78,7 @@ def _options(args: argparse.Namespace):
         raise UsageError(f"--checkpoint-every must be 0 (every epoch) or more seconds, got {args.checkpoint_every}")
     return Options(storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
                    skip_checks=args.skip_checks, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout,
-                   checkpoint_every=args.checkpoint_every, max_failures=args.max_failures)
+                   checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, population=args.population)
 
 
 def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> int:
@@ -221,8 +220,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs", help="folder for run directories (default: runs)")
     train.set_defaults(func=cmd_train)
 
-    check = sub.add_parser("check", parents=common, help="the sanity checks: can this pipeline learn?")
-    check.set_defaults(func=cmd_check)
+    sub.add_parser("check", parents=common, help="the sanity checks: can this pipeline learn?").set_defaults(
+        func=cmd_check)
 
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("--storage", default=os.environ.get("HPO_STORAGE", DEFAULT_STORAGE),
@@ -245,14 +244,16 @@ def parser() -> argparse.ArgumentParser:
     runner.add_argument("--max-failures", type=int, metavar="N",
                         help="failed trials (NaN loss, OOM, invalid parameters) before the study stops "
                              "(default: the larger of the study's N and 10)")
+    runner.add_argument("--population", type=int, default=1, metavar="K",
+                        help="trials trained together as one population by each worker (default 1: one at a time)")
     reader = argparse.ArgumentParser(add_help=False)  # read-only: the study by name, its stored config
     reader.add_argument("study", nargs="?", help="study file (TOML) whose study to read; or --study NAME")
     reader.add_argument("--study", dest="study_name", metavar="NAME", help="the study's name in the storage")
     run = sub.add_parser("run", parents=[*common, storage, runner], help="run a study: gate, then N trials")
     run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
     run.set_defaults(func=cmd_run)
-    worker = sub.add_parser("worker", parents=[*common, storage, runner], help="join a running study")
-    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("worker", parents=[*common, storage, runner], help="join a running study").set_defaults(
+        func=cmd_worker)
     best = sub.add_parser("best", parents=[reader, storage], help="the study's best trial")
     best.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     best.set_defaults(func=cmd_best)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from hpo.augment import Augment
 from hpo.config import ModelConfig, TrainConfig
 from hpo.data import TrainVal
 from hpo.models import build_model
-from hpo.train import EVAL_BATCH, EpochLog, EpochStats, FitResult, Stop, TrainingDiverged
+from hpo.train import EVAL_BATCH, EpochLog, EpochStats, FitResult, LoopState, Stop, TrainingDiverged
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the solo loop uses
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm1d's defaults
@@ -51,6 +51,7 @@ class _Slot(EpochLog):
         self.seen, self.samples, self.seconds, self.train_seconds = 0, 0, 0.0, 0.0
         self.stop: Stop | None = None
         self.error: TrainingDiverged | None = None
+        self.resumed_from = 0  # the epochs it had run before it was admitted
 
     def lr(self) -> float:
         """StepLR's lr for the epoch about to run, multiplied out as StepLR does."""
@@ -66,23 +67,81 @@ class Population:
 
     def __init__(self, model: ModelConfig, optimizer: str, members: Sequence[Member], data: TrainVal,
                  num_classes: int = 10):
-        self.model_cfg, self.optimizer, self.data = model, optimizer, data
-        device, in_features = data.train.x.device, data.train.x[0].numel()
-        solos = []
-        for member in members:  # each member's initial weights are its solo run's
-            torch.manual_seed(member.train.seed)
-            solos.append(build_model(model, in_features, num_classes).to(device))
-        self.layers = list(solos[0])
-        self.params = {k: torch.stack([dict(s.named_parameters())[k].detach() for s in solos]).requires_grad_()
-                       for k, _ in solos[0].named_parameters()}
-        self.buffers = {k: torch.stack([dict(s.named_buffers())[k] for s in solos])
-                        for k, _ in solos[0].named_buffers()}
-        self.moments = {k: (torch.zeros_like(p), torch.zeros_like(p)) for k, p in self.params.items()}
-        self.steps = torch.zeros(len(members), dtype=torch.float64, device=device)
-        self.slots = [_Slot(m, device) for m in members]
-        hyper = [[m.train.weight_decay, m.train.momentum] for m in members]
-        self.decays = any(m.train.weight_decay for m in members)  # torch skips the term when it is 0
-        self.weight_decay, self.momentum = torch.tensor(hyper, device=device).T
+        self.model_cfg, self.optimizer, self.data, self.num_classes = model, optimizer, data, num_classes
+        device, k = data.train.x.device, len(members)
+        template = self._solo()  # names and shapes; admit() fills each member's slice
+        self.layers = list(template)
+        self.params = {n: torch.zeros(k, *p.shape, device=device, requires_grad=True)
+                       for n, p in template.named_parameters()}
+        self.buffers = {n: torch.zeros(k, *b.shape, dtype=b.dtype, device=device) for n, b in template.named_buffers()}
+        self.moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in self.params.items()}
+        self.steps = torch.zeros(k, dtype=torch.float64, device=device)
+        self.weight_decay, self.momentum = torch.zeros(2, k, device=device)
+        self.slots: list[_Slot] = [None] * k  # type: ignore[list-item]  (admit() fills each)
+        for i, member in enumerate(members):
+            self.admit(i, member)
+
+    def _solo(self, seed: int | None = None) -> nn.Sequential:
+        """A solo model, initialized as ``train_run`` does for ``seed``; the global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = build_model(self.model_cfg, self.data.train.x[0].numel(), self.num_classes)
+        return model.to(self.data.train.x.device)
+
+    @torch.no_grad()
+    def admit(self, k: int, member: Member, last: dict | None = None, best: dict | None = None) -> None:
+        """Put ``member`` in slot ``k`` (a freed one, at an epoch boundary) with its solo run's initial
+        weights, or going on from a run that was cut: the contents of its ``last.pt`` and ``best.pt``."""
+        model, slot = self._solo(member.train.seed), _Slot(member, self.data.train.x.device)
+        state = LoopState(model, member.train, graphs=False)
+        if last is not None and best is not None:
+            model.load_state_dict(last["model"])
+            state.load_state_dict(last)
+            slot.generator.set_state(state.generator.get_state())
+            slot.load_state_dict(last)
+            slot.best_weights, slot.resumed_from = best["model"], len(slot.history)
+            done = len(slot.history) >= member.train.epochs  # it had ended before it was cut, as fit sees it
+            slot.stop = Stop.EARLY_STOPPING if slot.out_of_patience(member.train.patience) else \
+                Stop.COMPLETED if done else None
+        for name, value in model.state_dict().items():
+            (self.params | self.buffers)[name][k] = value
+        for name, p in model.named_parameters():  # the optimizer's state, as torch's optimizer holds it
+            held = state.optimizer.state.get(p, {})
+            self.moments[name][0][k] = held.get("exp_avg", held.get("momentum_buffer", 0.0))
+            self.moments[name][1][k] = held.get("exp_avg_sq", 0.0)
+            self.steps[k] = float(held.get("step", 1.0 if held else 0.0))  # SGD: 1 once it has a buffer
+        self.weight_decay[k], self.momentum[k] = member.train.weight_decay, member.train.momentum
+        self.slots[k] = slot
+
+    def checkpoint(self, k: int) -> tuple[dict, dict]:
+        """Member ``k``'s run as a solo run's ``last.pt`` and ``best.pt`` hold it: it goes on from
+        them alone (hpo.runs.Checkpoints) or in any population (:meth:`admit`)."""
+        slot, model = self.slots[k], self._solo()
+        model.load_state_dict(self.member_state(k))
+        state = LoopState(model, slot.cfg, graphs=False)
+        for name, p in model.named_parameters():
+            m, v = (t[k].detach().clone() for t in self.moments[name])
+            step = torch.tensor(float(self.steps[k]), device=p.device)
+            if self.steps[k] > 0:
+                state.optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v} \
+                    if self.optimizer == "adam" else {"momentum_buffer": m}
+        if state.scheduler:
+            for group in state.optimizer.param_groups:
+                group["lr"] = slot.lr()
+            state.scheduler.last_epoch, state.scheduler._last_lr = len(slot.history), [slot.lr()]
+        state.generator.set_state(slot.generator.get_state())
+        best = {"model": slot.best_weights, "epoch": slot.best_epoch, "val_acc": slot.best_val_acc}
+        return {"model": model.state_dict(), **state.state_dict(), **slot.state_dict()}, best
+
+    def vacate(self, slots: Iterable[int]) -> None:
+        """Leave ``slots`` empty until :meth:`admit` fills them: they train no more."""
+        for k in slots:
+            self.slots[k].stop = Stop.COMPLETED
+
+    @property
+    def decays(self) -> bool:
+        return any(s.cfg.weight_decay for s in self.slots)  # torch skips the term when it is 0
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s weights as a solo model's ``state_dict``."""
@@ -226,7 +285,7 @@ class Population:
         if slot.error is not None:
             return slot.error
         return slot.result(slot.stop or Stop.COMPLETED, slot.seconds,
-                           slot.samples / slot.train_seconds if slot.train_seconds else 0.0, 0)
+                           slot.samples / slot.train_seconds if slot.train_seconds else 0.0, slot.resumed_from)
 
 
 def fit_population(model: ModelConfig, optimizer: str, members: Sequence[Member], data: TrainVal,

@@ -85,6 +85,12 @@ class Attempt:
     value: float | None = None
     error: BaseException | None = None
 
+    @classmethod
+    def of(cls, stop: Stop, best_val_acc: float) -> Attempt:
+        """A run that ended: only the pruner asks a trial's run to stop; completed ones have a value."""
+        outcome = Outcome.of_stop(stop)
+        return cls(outcome, best_val_acc if outcome.state == TrialState.COMPLETE else None)
+
 
 def say(message: str) -> None:
     """A worker's own line on stderr, apart from the per-trial lines of Progress."""
@@ -100,8 +106,7 @@ def attempt(objective: Callable[[optuna.trial.Trial], RunSummary], trial: optuna
         raise
     except BaseException as e:  # Ctrl-C and bugs too: the trial must never be left RUNNING
         return Attempt(Outcome.of_error(e), error=e)
-    outcome = Outcome.of_stop(summary.stop)
-    return Attempt(outcome, summary.best_val_acc if outcome.state == TrialState.COMPLETE else None)
+    return Attempt.of(summary.stop, summary.best_val_acc)
 
 
 def tell(handle: StudyHandle, trial: optuna.trial.Trial, ended: Attempt) -> Outcome:

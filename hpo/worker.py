@@ -4,16 +4,13 @@ N finished trials. ``run_study`` is what ``hpo run`` does; ``join_study`` what `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing
 import os
 import platform
-import shutil
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,69 +23,15 @@ from hpo.checks import gate
 from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, make_splits, resolve_device
 from hpo.exits import WorkersFailed, run_command
-from hpo.faults import check_failure_budget, reap
-from hpo.files import store_artifact, writing
+from hpo.faults import check_failure_budget
+from hpo.files import store_artifact
+from hpo.members import check_population, work_population
 from hpo.progress import Progress
-from hpo.runner import Outcome, run_trial, say
-from hpo.runs import RunSummary, new_run_dir, resume_history, train_run
-from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, mask
-from hpo.study import COUNTED, StudyHandle, check_target, open_study, pop_waiting, set_target, suggest, top_up
-
-IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
-
-
-@dataclass(frozen=True)
-class Options:
-    """How workers run: where results go and on which device."""
-
-    storage: str
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    out: str = "runs"  # run directories, one per trial attempt
-    artifacts: str = "hpo-artifacts"  # Optuna artifact store; shared storage for many machines
-    skip_checks: bool = False
-    heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
-    grace: int = GRACE_PERIOD  # a trial silent this long is failed and queued again
-    db_timeout: float = DB_TIMEOUT  # a worker that cannot reach the database this long exits
-    # Seconds between a trial's checkpoint (and history) writes: a retried trial redoes at most
-    # this much. Writing every epoch costs more than a GPU epoch of the subset.
-    checkpoint_every: float = CHECKPOINT_EVERY
-    # Trials that may fail on their own (NaN loss, OOM, invalid parameters) before the study stops
-    # drawing new ones; None: the larger of N and faults.MIN_FAILURE_BUDGET.
-    max_failures: int | None = None
-
-
-@contextlib.contextmanager
-def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
-    """Beat for ``trial_id`` while the body runs; silence marks the trial's worker dead."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(storage.get_heartbeat_interval()):
-            with contextlib.suppress(Exception):  # a missed beat is harmless; the next one retries
-                storage.record_heartbeat(trial_id)
-
-    storage.record_heartbeat(trial_id)
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
-    """A run folder of this attempt's own: an attempt that stalled and woke up after its retry
-    started can never write over the retry's files. A retry starts from the checkpoints of the
-    attempt it takes over from (when this machine sees that folder: a shared filesystem)."""
-    run_dir = new_run_dir(out, f"{name}-trial{trial.number}")
-    previous = Path(trial.user_attrs.get("run_dir") or run_dir)
-    for file in ("best.pt", "last.pt"):  # in this order: last.pt never runs ahead of best.pt
-        if previous != run_dir and (previous / file).is_file():
-            with writing(run_dir / file):
-                shutil.copyfile(previous / file, run_dir / file)
-    trial.set_user_attr("run_dir", str(run_dir))
-    return run_dir
+from hpo.runner import Outcome, run_trial
+from hpo.runs import RunSummary, resume_history, train_run
+from hpo.slots import Idle, Options, attempt_dir, heartbeat, take
+from hpo.storage import mask
+from hpo.study import COUNTED, StudyHandle, check_target, open_study, set_target, suggest, top_up
 
 
 @dataclass(frozen=True)
@@ -106,7 +49,7 @@ class Objective:
         trial.set_user_attr("device", str(self.device))
         trial.set_user_attr("hostname", platform.node())
         trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
-        run_dir = _attempt_dir(trial, Path(opts.out) / name, name)
+        run_dir = attempt_dir(trial, Path(opts.out) / name, name)
         history = resume_history(run_dir)
         written = time.perf_counter()
 
@@ -137,33 +80,14 @@ def work(handle: StudyHandle, run: Callable[[optuna.trial.Trial], Outcome | None
     TooManyFailures once the study holds ``max_failures`` trials that failed on their own (see
     faults.check_failure_budget)."""
     check_failure_budget(handle, max_failures)
-    ran, reaped, waited_for = 0, -float("inf"), None
-    while True:
-        popped = pop_waiting(handle)
-        if popped is None:
-            if top_up(handle):  # a failed trial left a gap
-                continue
-            running = [t.number for t in handle.trials((TrialState.RUNNING,))]
-            if len(handle.trials(COUNTED)) >= handle.target or not running:
-                return ran
-            if running != waited_for:  # say it once, not every poll
-                say(f"waiting for trial(s) {', '.join(map(str, running))}, RUNNING elsewhere; a trial without a "
-                    f"heartbeat for {handle.storage.grace_period}s is failed and queued again")
-                waited_for = running
-            # Trials that nobody runs any more come back queued. They count as such only after the
-            # grace period, so looking once a heartbeat interval is enough.
-            if time.monotonic() - reaped >= handle.storage.get_heartbeat_interval():
-                reap(handle)
-                reaped = time.monotonic()
-                continue
-            time.sleep(IDLE_POLL)
-            continue
-        trial, trial_id = popped
-        with heartbeat(handle.storage, trial_id):
+    ran, idle = 0, Idle()
+    while (trial := take(handle, idle)) is not None:
+        with heartbeat(handle.storage, lambda: [trial._trial_id]):
             outcome = run(trial)
         ran += 1
         if outcome is not None and outcome.state == TrialState.FAIL:
             check_failure_budget(handle, max_failures)
+    return ran
 
 
 def _devices(device: str, workers: int) -> list[str]:
@@ -180,10 +104,12 @@ def _load_checked(cfg: StudyConfig) -> ImageData:
     return data
 
 
-def _trials(handle: StudyHandle, data: ImageData, device: torch.device,
-            opts: Options) -> Callable[[optuna.trial.Trial], Outcome | None]:
+def _work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Options) -> int:
+    """Trials one at a time, or ``opts.population`` of them at once; how many ran here."""
+    if opts.population > 1:
+        return work_population(handle, data, device, opts)
     objective = Objective(handle, data, device, opts)
-    return lambda trial: run_trial(handle, trial, objective)
+    return work(handle, lambda trial: run_trial(handle, trial, objective), opts.max_failures)
 
 
 def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, workers: int = 1,
@@ -191,6 +117,7 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers."""
     target = n_trials or cfg.study.n_trials
     check_target(cfg, target)
+    check_population(cfg, opts.population)
     devices = _devices(opts.device, workers)
     data = _load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
@@ -201,7 +128,7 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     t0 = time.perf_counter()
     with Progress(handle, enabled=not quiet):
         if workers == 1:
-            work(handle, _trials(handle, data, resolve_device(devices[0]), opts), opts.max_failures)
+            _work(handle, data, resolve_device(devices[0]), opts)
         else:
             failed = _spawn(cfg, [dataclasses.replace(opts, device=d) for d in devices], target)
             check_failure_budget(handle, opts.max_failures)  # the reason the workers gave up, if so
@@ -265,6 +192,7 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
     if n_trials:
         check_target(cfg, n_trials)
+    check_population(cfg, opts.population)
     device = resolve_device(opts.device)
     data = _load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=False, heartbeat=opts.heartbeat, grace=opts.grace,
@@ -273,5 +201,5 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
         set_target(handle, n_trials)
     gate(handle.study, cfg, data, device, skip=opts.skip_checks)  # returns at once if it passed before
     with Progress(handle, enabled=not quiet):
-        ran = work(handle, _trials(handle, data, device, opts), opts.max_failures)
+        ran = _work(handle, data, device, opts)
     return {"study": cfg.study.name, "ran": ran, "finished": len(handle.trials(COUNTED))}

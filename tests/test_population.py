@@ -100,3 +100,85 @@ def test_members_stop_on_their_own(splits):
     assert seen[0] == [1, 2, 3] and seen[1] == [1, 2, 3, 4] and seen[2] == [1, 2, 3] and 3 not in seen
     alone = solo(splits, ModelConfig(), dataclasses.replace(base, epochs=3))
     assert [round(s.val_acc, 3) for s in short.history] == [round(s.val_acc, 3) for s in alone.history]
+
+
+def run_out(population: Population) -> None:
+    while any(s.stop is None for s in population.slots):
+        population.epoch()
+
+
+def assert_same_run(got: FitResult | list, alone: FitResult) -> None:
+    history = got.history if isinstance(got, FitResult) else got
+    assert [s.epoch for s in history] == [s.epoch for s in alone.history]
+    for a, b in zip(alone.history, history, strict=True):
+        assert abs(a.val_acc - b.val_acc) <= 0.002 and b.loss == pytest.approx(a.loss, rel=1e-4) and b.lr == a.lr
+
+
+CUT = [TrainConfig(epochs=5, batch_size=32, step_size=2, gamma=0.5),
+       TrainConfig(optimizer="sgd", lr=0.05, epochs=5, batch_size=64, step_size=2, gamma=0.5, weight_decay=1e-3)]
+
+
+@pytest.mark.parametrize("cfg", CUT, ids=["adam", "sgd"])
+def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, cfg):
+    """Its checkpoint is a solo run's last.pt and best.pt: `hpo` resumes it wherever the retry runs."""
+    from hpo.runs import Checkpoints, save_checkpoint
+
+    model = ModelConfig(batch_norm=True)
+    neighbour = Member(dataclasses.replace(cfg, lr=cfg.lr / 2), make_augment("none"))
+    population = Population(model, cfg.optimizer, [neighbour, Member(cfg, make_augment("recipe"))], splits)
+    for _ in range(3):
+        population.epoch()
+    last, best = population.checkpoint(1)
+    save_checkpoint(tmp_path / "last.pt", last)
+    save_checkpoint(tmp_path / "best.pt", best)
+    torch.manual_seed(cfg.seed)
+    resumed = fit(build_model(model), splits, cfg, make_augment("recipe"), checkpoints=Checkpoints(tmp_path))
+    assert resumed.resumed_from_epoch == 3
+    assert_same_run(resumed, solo(splits, model, cfg, "recipe"))
+
+
+@pytest.mark.parametrize("cfg", CUT, ids=["adam", "sgd"])
+def test_a_solo_run_cut_short_goes_on_inside_a_population(splits, tmp_path, cfg):
+    from hpo.runs import Checkpoints, load_checkpoint
+
+    model = ModelConfig(batch_norm=True)
+    torch.manual_seed(cfg.seed)
+    fit(build_model(model), splits, dataclasses.replace(cfg, epochs=2), make_augment("recipe"),
+        checkpoints=Checkpoints(tmp_path))  # killed after epoch 2, as far as the files tell
+    other = Member(dataclasses.replace(cfg, seed=5, batch_size=16), make_augment("none"))
+    population = Population(model, cfg.optimizer, [other, other], splits)
+    population.admit(1, Member(cfg, make_augment("recipe")), load_checkpoint(tmp_path / "last.pt"),
+                     load_checkpoint(tmp_path / "best.pt"))
+    run_out(population)
+    assert_same_run(population.result(1), solo(splits, model, cfg, "recipe"))
+    assert_same_run(population.result(0), solo(splits, model, other.train))
+
+
+def test_a_member_cut_after_its_last_epoch_does_not_train_again(splits):
+    cfg, lr0 = TrainConfig(epochs=2, batch_size=64), TrainConfig(epochs=9, batch_size=64, lr=0.0, patience=2)
+    population = Population(ModelConfig(), "adam", [Member(cfg, make_augment("none")),
+                                                    Member(lr0, make_augment("none"))], splits)
+    run_out(population)  # 2 epochs; 3 for lr 0 (early stopping)
+    cut = [population.checkpoint(k) for k in range(2)]
+    again = Population(ModelConfig(), "adam", [Member(cfg, make_augment("none"))] * 2, splits)
+    for k, member in enumerate((cfg, lr0)):
+        again.admit(k, Member(member, make_augment("none")), *cut[k])
+    assert [s.stop for s in again.slots] == [Stop.COMPLETED, Stop.EARLY_STOPPING]
+    run_out(again)
+    assert [again.result(k).epochs_run for k in range(2)] == [2, 3]
+
+
+def test_a_freed_slot_takes_the_next_member_at_an_epoch_boundary(splits):
+    short, long_, next_ = (TrainConfig(epochs=2, batch_size=32), TrainConfig(epochs=4, batch_size=64, lr=3e-3),
+                           TrainConfig(epochs=3, batch_size=16, seed=9))
+    population = Population(ModelConfig(), "adam", [Member(short, make_augment("none")),
+                                                    Member(long_, make_augment("none"))], splits)
+    population.epoch()
+    population.epoch()
+    first = population.result(0)
+    assert first.stop == Stop.COMPLETED and population.slots[1].stop is None
+    population.admit(0, Member(next_, make_augment("none")))  # the queue's next trial, in the freed slot
+    run_out(population)
+    for k, cfg in ((0, next_), (1, long_)):
+        assert_same_run(population.result(k), solo(splits, ModelConfig(), cfg))
+    assert_same_run(first, solo(splits, ModelConfig(), short))

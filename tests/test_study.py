@@ -38,12 +38,15 @@ def states(url: str, name: str = "small") -> dict[str, int]:
 
 
 # SQLite with 4 workers is test_storage.py's test_sqlite_takes_several_writers.
-@pytest.mark.parametrize("storage_url, workers, n", [("sqlite", 2, 6), ("postgresql", 2, 6), ("postgresql", 4, 10)],
-                         indirect=["storage_url"])
-def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n):
+@pytest.mark.parametrize("storage_url, workers, n, population", [
+    ("sqlite", 2, 6, 1), ("postgresql", 2, 6, 1), ("postgresql", 4, 10, 1),
+    ("postgresql", 2, 10, 3),  # two workers, each training a population, share one study
+], indirect=["storage_url"])
+def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n, population):
     path = study_file(SEARCH)
     r = hpo_cli("run", path, "--storage", storage_url, "--n-trials", n, "--workers", workers, "--device", "cpu",
-                "--skip-checks", "--out", tmp_path / "runs", "--artifacts", tmp_path / "art", "--json")
+                "--skip-checks", "--out", tmp_path / "runs", "--artifacts", tmp_path / "art", "--json",
+                "--population", population)
     assert r.returncode == 0, r.stderr
     assert states(storage_url) == {"COMPLETE": n}
     done = trials(storage_url)
@@ -159,28 +162,32 @@ epochs = 1
     assert all(t.params == {"data.subset_size": 700} for t in failed)
 
 
-def test_ctrl_c_queues_the_trial_again_and_a_rerun_resumes_it(study_file, tmp_path):
+@pytest.mark.parametrize("population", [1, 3])
+def test_ctrl_c_queues_the_trial_again_and_a_rerun_resumes_it(study_file, tmp_path, population):
+    """With --population 3 the grid's three trials train as one population: each is failed and queued again."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     args = [sys.executable, "-m", "hpo.cli", "run", str(study_file(GRID)), "--storage", url, "--device", "cpu",
-            "--skip-checks", "--checkpoint-every", "0.25", "--out", str(tmp_path / "r")]
+            "--skip-checks", "--checkpoint-every", "0.25", "--out", str(tmp_path / "r"),
+            "--population", str(population)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_checkpoint(tmp_path / "r", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "RUNNING" not in states(url) and states(url)["FAIL"] == 1
-    (failed,) = [t for t in trials(url) if t.state == TrialState.FAIL]
-    assert failed.user_attrs["fail_reason"] == "KeyboardInterrupt"
-    (retry,) = [t for t in trials(url) if t.user_attrs.get("retry_of") == failed.number]
-    assert retry.state == TrialState.WAITING and retry.params == failed.params
+    assert "RUNNING" not in states(url) and states(url)["FAIL"] == population
+    failed = [t for t in trials(url) if t.state == TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"] == "KeyboardInterrupt" for t in failed)
+    for t in failed:
+        (retry,) = [r for r in trials(url) if r.user_attrs.get("retry_of") == t.number]
+        assert retry.state == TrialState.WAITING and retry.params == t.params
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     done = [t for t in trials(url) if t.state == TrialState.COMPLETE]
     assert sorted(t.params["train.lr"] for t in done) == [0.0001, 0.001, 0.01]  # no grid point lost
-    (retry,) = [t for t in done if t.user_attrs.get("retry_of") == failed.number]
-    assert retry.user_attrs["resumed_from_epoch"] >= 1  # from the interrupted attempt's last.pt
-    assert [h["epoch"] for h in retry.user_attrs["history"]] == list(range(1, 101))
+    retries = [t for t in done if t.user_attrs.get("retry_of") in {f.number for f in failed}]
+    assert len(retries) == population and any(t.user_attrs["resumed_from_epoch"] >= 1 for t in retries)
+    assert all([h["epoch"] for h in t.user_attrs["history"]] == list(range(1, 101)) for t in retries)
 
 
 def test_a_study_name_with_another_config_is_refused(study_file, tmp_path):

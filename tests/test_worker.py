@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import FULL_DATA, first_checkpoint, hpo_cli
 from optuna.trial import TrialState
 
@@ -23,43 +24,43 @@ batch_size = 16
 """
 
 
-def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, storage_url, tmp_path):
+@pytest.mark.parametrize("storage_url, population", [("sqlite", 1), ("postgresql", 1), ("postgresql", 2)],
+                         indirect=["storage_url"])
+def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, storage_url, tmp_path, population):
+    """With --population 2 both trials train as one population when the worker dies; both come back."""
     path = study_file(LONG, data=FULL_DATA)
     common = [str(path), "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", str(tmp_path / "r"),
-              "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3", "--checkpoint-every", "0"]
+              "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3", "--checkpoint-every", "0",
+              "--population", str(population)]
     victim = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *common], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
-    deadline, killed = time.time() + 120, None
-    while time.time() < deadline and killed is None and victim.poll() is None:
+    deadline = time.time() + 120
+    while not _running(storage_url, 5):
+        assert time.time() < deadline and victim.poll() is None, victim.stderr.read()
         time.sleep(0.2)
-        try:
-            running = [t for t in optuna.load_study(study_name="small", storage=storage_url).trials
-                       if t.state == TrialState.RUNNING and len(t.user_attrs.get("history", [])) >= 5]
-        except KeyError:  # no study yet
-            continue
-        if running:
-            victim.send_signal(signal.SIGKILL)
-            killed = running[0].number
+    victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    assert killed is not None, victim.stderr.read()
+    killed = [t.number for t in _running(storage_url, 0)]  # RUNNING until a worker finds them silent
+    assert len(killed) == population
 
-    r = hpo_cli("run", *common)  # a new worker finds the dead one's trial once its heartbeat is stale
+    r = hpo_cli("run", *common)  # a new worker finds the dead one's trials once their heartbeats are stale
     assert r.returncode == 0, r.stderr
     trials = optuna.load_study(study_name="small", storage=storage_url).trials
     by_state = {s: [t for t in trials if t.state == s] for s in TrialState}
     assert len(by_state[TrialState.COMPLETE]) == 2 and not by_state[TrialState.RUNNING]
-    assert [t.number for t in by_state[TrialState.FAIL]] == [killed]
-    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == killed]
-    assert retry.state == TrialState.COMPLETE and retry.params == trials[killed].params
-    resumed = retry.user_attrs["resumed_from_epoch"]
-    assert resumed >= 5  # went on from the last epoch checkpoint, not from scratch
-    history = retry.user_attrs["history"]
-    assert [h["epoch"] for h in history] == list(range(1, 61))  # the whole run, once
-    assert retry.user_attrs["run_dir"] != trials[killed].user_attrs["run_dir"]  # each attempt has its own folder
-    print(f"killed trial {killed} at epoch >= 5; retry {retry.number} resumed from epoch {resumed}; "
-          f"val_acc by epoch: {[round(h['val_acc'], 3) for h in history[:resumed + 3]]}...")
-    results = json.loads((Path(retry.user_attrs["run_dir"]) / "results.json").read_text())
-    assert [h["epoch"] for h in results["history"]] == list(range(1, 61))
+    assert [t.number for t in by_state[TrialState.FAIL]] == killed
+    resumed = []
+    for number in killed:
+        (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == number]
+        assert retry.state == TrialState.COMPLETE and retry.params == trials[number].params
+        resumed.append(retry.user_attrs["resumed_from_epoch"])
+        history = retry.user_attrs["history"]
+        assert [h["epoch"] for h in history] == list(range(1, 61))  # the whole run, once
+        assert retry.user_attrs["run_dir"] != trials[number].user_attrs["run_dir"]  # each attempt has its own folder
+        results = json.loads((Path(retry.user_attrs["run_dir"]) / "results.json").read_text())
+        assert [h["epoch"] for h in results["history"]] == list(range(1, 61))
+    assert max(resumed) >= 5 and min(resumed) >= 1  # went on from the last epoch checkpoint, not from scratch
+    print(f"killed trial(s) {killed} at epoch >= 5; the retries resumed from epochs {resumed}")
 
 
 def _running(url: str, epochs: int) -> list[optuna.trial.FrozenTrial]:

@@ -1,0 +1,118 @@
+"""A worker's side of the study's queue: how workers run (Options), taking the next trial, the
+heartbeats of the trials it runs, and each attempt's own run folder. Used by the solo loop
+(hpo.worker) and the population loop (hpo.members) alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo.faults import reap
+from hpo.files import writing
+from hpo.runner import say
+from hpo.runs import new_run_dir
+from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL
+from hpo.study import COUNTED, StudyHandle, pop_waiting, top_up
+
+IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How workers run: where results go and on which device."""
+
+    storage: str
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    out: str = "runs"  # run directories, one per trial attempt
+    artifacts: str = "hpo-artifacts"  # Optuna artifact store; shared storage for many machines
+    skip_checks: bool = False
+    heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
+    grace: int = GRACE_PERIOD  # a trial silent this long is failed and queued again
+    db_timeout: float = DB_TIMEOUT  # a worker that cannot reach the database this long exits
+    # Seconds between a trial's checkpoint (and history) writes: a retried trial redoes at most
+    # this much. Writing every epoch costs more than a GPU epoch of the subset.
+    checkpoint_every: float = CHECKPOINT_EVERY
+    # Trials that may fail on their own (NaN loss, OOM, invalid parameters) before the study stops
+    # drawing new ones; None: the larger of N and faults.MIN_FAILURE_BUDGET.
+    max_failures: int | None = None
+    population: int = 1  # trials trained together as one population (hpo.members); 1: one at a time
+
+
+@contextlib.contextmanager
+def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Iterable[int]]) -> Iterator[None]:
+    """One thread beats for the trials ``trial_ids()`` names (a population's change as members
+    come and go) while the body runs; silence marks a trial's worker dead."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(storage.get_heartbeat_interval()):
+            for trial_id in list(trial_ids()):
+                with contextlib.suppress(Exception):  # a missed beat is harmless; the next one retries
+                    storage.record_heartbeat(trial_id)
+
+    for trial_id in trial_ids():
+        storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
+    """A run folder of this attempt's own: an attempt that stalled and woke up after its retry
+    started can never write over the retry's files. A retry starts from the checkpoints of the
+    attempt it takes over from (when this machine sees that folder: a shared filesystem)."""
+    run_dir = new_run_dir(out, f"{name}-trial{trial.number}")
+    previous = Path(trial.user_attrs.get("run_dir") or run_dir)
+    for file in ("best.pt", "last.pt"):  # in this order: last.pt never runs ahead of best.pt
+        if previous != run_dir and (previous / file).is_file():
+            with writing(run_dir / file):
+                shutil.copyfile(previous / file, run_dir / file)
+    trial.set_user_attr("run_dir", str(run_dir))
+    return run_dir
+
+
+@dataclass
+class Idle:
+    """What an idle worker remembers between looks at the study."""
+
+    reaped: float = -float("inf")  # when it last failed the trials nobody runs any more
+    waited_for: list[int] | None = None  # the trials it said it waits for
+
+
+def take(handle: StudyHandle, idle: Idle, wait: bool = True) -> optuna.trial.Trial | None:
+    """The next queued trial, now RUNNING here; None once the study holds N finished trials (or, with
+    ``wait`` False, when nothing is queued now). Meanwhile it fills gaps that failed trials left,
+    and fails and queues again the trials that nobody runs any more."""
+    while True:
+        popped = pop_waiting(handle)
+        if popped is not None:
+            return popped[0]
+        if top_up(handle):  # a failed trial left a gap
+            continue
+        running = [t.number for t in handle.trials((TrialState.RUNNING,))]
+        if not wait or len(handle.trials(COUNTED)) >= handle.target or not running:
+            return None
+        if running != idle.waited_for:  # say it once, not every poll
+            say(f"waiting for trial(s) {', '.join(map(str, running))}, RUNNING elsewhere; a trial without a "
+                f"heartbeat for {handle.storage.grace_period}s is failed and queued again")
+            idle.waited_for = running
+        # Trials that nobody runs any more come back queued. They count as such only after the
+        # grace period, so looking once a heartbeat interval is enough.
+        if time.monotonic() - idle.reaped >= handle.storage.get_heartbeat_interval():
+            reap(handle)
+            idle.reaped = time.monotonic()
+            continue
+        time.sleep(IDLE_POLL)
