@@ -244,8 +244,8 @@ def parser() -> argparse.ArgumentParser:
     runner.add_argument("--max-failures", type=int, metavar="N",
                         help="failed trials (NaN loss, OOM, invalid parameters) before the study stops "
                              "(default: the larger of the study's N and 10)")
-    runner.add_argument("--population", type=int, default=1, metavar="K",
-                        help="trials trained together as one population by each worker (default 1: one at a time)")
+    runner.add_argument("--population", type=int, metavar="K",
+                        help="trials each worker trains together as one population (default: [study] population, 1)")
     reader = argparse.ArgumentParser(add_help=False)  # read-only: the study by name, its stored config
     reader.add_argument("study", nargs="?", help="study file (TOML) whose study to read; or --study NAME")
     reader.add_argument("--study", dest="study_name", metavar="NAME", help="the study's name in the storage")

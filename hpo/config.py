@@ -54,6 +54,8 @@ class StudySection:
     n_trials: int = field(default=20, metadata=_rng(1))  # finished trials the study ends with
     # Comparative pruning on top of early stopping (train.patience), which always applies.
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    # Trials a worker trains together as one population (hpo.members); --population overrides it.
+    population: int = field(default=1, metadata=_rng(1, 4096))
 
 
 @dataclass(frozen=True)

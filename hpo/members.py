@@ -41,8 +41,8 @@ def check_population(cfg: StudyConfig, size: int) -> None:
     cannot run as a population."""
     varied = [k for k in cfg.search if k.startswith(SHARED)]
     if size > 1 and varied:
-        raise StudyError(f"--population {size}: the search space varies {', '.join(varied)}, which the members of "
-                         "a population share; use --population 1 for this study")
+        raise StudyError(f"population {size} (--population or [study] population): the search space varies "
+                         f"{', '.join(varied)}, which the members of a population share; use --population 1")
 
 
 @dataclass

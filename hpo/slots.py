@@ -44,7 +44,7 @@ class Options:
     # Trials that may fail on their own (NaN loss, OOM, invalid parameters) before the study stops
     # drawing new ones; None: the larger of N and faults.MIN_FAILURE_BUDGET.
     max_failures: int | None = None
-    population: int = 1  # trials trained together as one population (hpo.members); 1: one at a time
+    population: int | None = None  # trials trained together (hpo.members); None: the study file's [study] population
 
 
 @contextlib.contextmanager

@@ -117,6 +117,7 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers."""
     target = n_trials or cfg.study.n_trials
     check_target(cfg, target)
+    opts = dataclasses.replace(opts, population=opts.population or cfg.study.population)
     check_population(cfg, opts.population)
     devices = _devices(opts.device, workers)
     data = _load_checked(cfg)
@@ -192,6 +193,7 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
     if n_trials:
         check_target(cfg, n_trials)
+    opts = dataclasses.replace(opts, population=opts.population or cfg.study.population)
     check_population(cfg, opts.population)
     device = resolve_device(opts.device)
     data = _load_checked(cfg)

@@ -1,6 +1,7 @@
 """Trials trained as members of a population by `hpo run --population K`: each is still its own trial."""
 
 import optuna
+import pytest
 from conftest import hpo_cli
 from optuna.trial import TrialState
 
@@ -47,10 +48,13 @@ def test_members_fail_and_stop_early_on_their_own_as_their_solo_runs(study_file,
         ["completed", "early_stopping", "early_stopping"]
 
 
-def test_a_space_that_varies_what_members_share_is_refused_in_one_line(study_file, tmp_path):
-    path = study_file('[search]\n"model.hidden" = [16, 32]\n"train.lr" = [0.01, 0.001]\n')
-    r = hpo_cli("run", path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--population", "2", "--device", "cpu")
+@pytest.mark.parametrize("where", ["--population", "[study] population"])
+def test_a_space_that_varies_what_members_share_is_refused_in_one_line(study_file, tmp_path, where):
+    body = '[search]\n"model.hidden" = [16, 32]\n"train.lr" = [0.01, 0.001]\n'
+    path = study_file(body if where == "--population" else "[study]\npopulation = 2\n" + body)
+    flag = ["--population", "2"] if where == "--population" else []
+    r = hpo_cli("run", path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", *flag, "--device", "cpu")
     assert r.returncode == 2 and r.stderr.splitlines() == [
-        "hpo: --population 2: the search space varies model.hidden, which the members of a population share; "
-        "use --population 1 for this study"]
+        "hpo: population 2 (--population or [study] population): the search space varies model.hidden, which the "
+        "members of a population share; use --population 1"]
     assert not (tmp_path / "study.db").exists()
