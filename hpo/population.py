@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from hpo.augment import Augment
 from hpo.config import ModelConfig, TrainConfig
@@ -75,8 +77,7 @@ class Population:
                        for n, p in template.named_parameters()}
         self.buffers = {n: torch.zeros(k, *b.shape, dtype=b.dtype, device=device) for n, b in template.named_buffers()}
         self.moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in self.params.items()}
-        self.steps = torch.zeros(k, dtype=torch.float64, device=device)
-        self.weight_decay, self.momentum = torch.zeros(2, k, device=device)
+        self.steps = torch.zeros(k, len(self.params), device=device)  # Adam's step count, per parameter
         self.slots: list[_Slot] = [None] * k  # type: ignore[list-item]  (admit() fills each)
         for i, member in enumerate(members):
             self.admit(i, member)
@@ -106,12 +107,11 @@ class Population:
                 Stop.COMPLETED if done else None
         for name, value in model.state_dict().items():
             (self.params | self.buffers)[name][k] = value
-        for name, p in model.named_parameters():  # the optimizer's state, as torch's optimizer holds it
+        for j, (name, p) in enumerate(model.named_parameters()):  # the optimizer's state, as torch holds it
             held = state.optimizer.state.get(p, {})
             self.moments[name][0][k] = held.get("exp_avg", held.get("momentum_buffer", 0.0))
             self.moments[name][1][k] = held.get("exp_avg_sq", 0.0)
-            self.steps[k] = float(held.get("step", 1.0 if held else 0.0))  # SGD: 1 once it has a buffer
-        self.weight_decay[k], self.momentum[k] = member.train.weight_decay, member.train.momentum
+            self.steps[k, j] = held.get("step", 0.0)
         self.slots[k] = slot
 
     def checkpoint(self, k: int) -> tuple[dict, dict]:
@@ -120,11 +120,10 @@ class Population:
         slot, model = self.slots[k], self._solo()
         model.load_state_dict(self.member_state(k))
         state = LoopState(model, slot.cfg, graphs=False)
-        for name, p in model.named_parameters():
+        for j, (name, p) in enumerate(model.named_parameters()):
             m, v = (t[k].detach().clone() for t in self.moments[name])
-            step = torch.tensor(float(self.steps[k]), device=p.device)
-            if self.steps[k] > 0:
-                state.optimizer.state[p] = {"step": step, "exp_avg": m, "exp_avg_sq": v} \
+            if slot.history:  # an optimizer that has stepped
+                state.optimizer.state[p] = {"step": self.steps[k, j].clone(), "exp_avg": m, "exp_avg_sq": v} \
                     if self.optimizer == "adam" else {"momentum_buffer": m}
         if state.scheduler:
             for group in state.optimizer.param_groups:
@@ -138,10 +137,6 @@ class Population:
         """Leave ``slots`` empty until :meth:`admit` fills them: they train no more."""
         for k in slots:
             self.slots[k].stop = Stop.COMPLETED
-
-    @property
-    def decays(self) -> bool:
-        return any(s.cfg.weight_decay for s in self.slots)  # torch skips the term when it is 0
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s weights as a solo model's ``state_dict``."""
@@ -183,38 +178,32 @@ class Population:
     # -- one optimizer step for the members that had a batch (``live``); the others stay as they were
 
     @torch.no_grad()
-    def _update(self, lr: torch.Tensor, live: torch.Tensor, all_live: bool) -> None:
-        """``lr``: float64, as torch's optimizers hold it. The arithmetic is torch's fused kernels', op
-        for op: Adam divides updates by tiny second moments, so a rounding apart grows into a
-        different run within a few steps. Members without a batch (``live`` False) keep their state."""
-        self.steps += live
-        (b1, b2), t = ADAM_BETAS, self.steps
-        step_size, bc2_sqrt = (lr / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()
-        for name, p in self.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            g = p.grad.add_(p * self.weight_decay.view(shape)) if self.decays else p.grad
-            m, v = self.moments[name]
-            old = None if all_live else (p.clone(), m.clone(), v.clone())
+    def _update(self, lrs: list[float], live: list[bool]) -> None:
+        """torch's own fused optimizer over each live member's slices: the solo run's arithmetic, bit
+        for bit. That matters: Adam divides by tiny second moments, and grows any rounding apart into
+        another run within a few steps."""
+        names = list(self.params)
+        for k in (k for k, on in enumerate(live) if on):
+            cfg = self.slots[k].cfg
+            params, grads = [self.params[n][k] for n in names], [self.params[n].grad[k] for n in names]
+            first, second = ([self.moments[n][i][k] for n in names] for i in (0, 1))
             if self.optimizer == "adam":
-                m.mul_(b1).add_(g * (1 - b1))
-                v.mul_(b2).add_(g * g * (1 - b2))
-                p.sub_(step_size.view(shape) * m / v.sqrt().div_(bc2_sqrt.view(shape)).add_(ADAM_EPS))
-            else:  # SGD with momentum: the first step's buffer is the gradient itself
-                m.copy_(torch.where((t == 1).view(shape), g, m * self.momentum.view(shape) + g))
-                p.sub_(lr.float().view(shape) * m)
-            if old is not None:
-                on = live.view(shape)
-                for now, before in zip((p, m, v), old, strict=True):
-                    now.copy_(torch.where(on, now, before))
+                adam(params, grads, first, second, [], list(self.steps[k]), fused=True,
+                                      amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lrs[k],
+                                      weight_decay=cfg.weight_decay, eps=ADAM_EPS, maximize=False)
+            else:  # a zero buffer's first step is the gradient itself, as SGD's first step is
+                sgd(params, grads, first, fused=True, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, lr=lrs[k], dampening=0.0, nesterov=False, maximize=False)
+        for p in self.params.values():
             p.grad = None
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lr: torch.Tensor, sums: torch.Tensor,
-              all_live: bool) -> None:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lrs: list[float], sums: torch.Tensor,
+              live: list[bool]) -> None:
         logits = self.forward(x, mask, dropout=True)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mask) * mask
         n = mask.sum(1)
         (losses.sum(1) / n.clamp(min=1)).sum().backward()  # each member's mean: its solo gradient
-        self._update(lr, n > 0, all_live)
+        self._update(lrs, live)
         sums[:, 0] += losses.detach().sum(1)
         sums[:, 1] += ((logits.argmax(2) == y) * mask).sum(1)
 
@@ -239,7 +228,7 @@ class Population:
             if run:
                 slot.batches = slot.member.augment.batches(self.data.train, slot.cfg.batch_size, slot.generator)
         lrs = [s.lr() for s in self.slots]
-        lr, sums = torch.tensor(lrs, dtype=torch.float64, device=device), torch.zeros(k, 4, device=device)
+        sums = torch.zeros(k, 4, device=device)
         while True:
             batches = [next(s.batches, None) if run else None for s, run in zip(self.slots, running, strict=True)]
             if all(b is None for b in batches):
@@ -252,7 +241,7 @@ class Population:
                 if b is not None:
                     x[i, :len(b[1])], y[i, :len(b[1])], mask[i, :len(b[1])] = b[0], b[1], 1.0
                     self.slots[i].seen += len(b[1])
-            self._step(x, y, mask, lr, sums, all(b is not None for b in batches))
+            self._step(x, y, mask, lrs, sums, [b is not None for b in batches])
         t_train = time.perf_counter() - t0
 
         # -- validate, once for all members; the epoch's one sync
