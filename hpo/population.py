@@ -26,7 +26,7 @@ from torch.optim.sgd import sgd
 
 from hpo.augment import Augment
 from hpo.config import ModelConfig, TrainConfig
-from hpo.data import TrainVal
+from hpo.data import TrainVal, normalize
 from hpo.models import build_model
 from hpo.train import EVAL_BATCH, EpochLog, EpochStats, FitResult, LoopState, Stop, TrainingDiverged
 
@@ -102,9 +102,7 @@ class Population:
             slot.generator.set_state(state.generator.get_state())
             slot.load_state_dict(last)
             slot.best_weights, slot.resumed_from = best["model"], len(slot.history)
-            done = len(slot.history) >= member.train.epochs  # it had ended before it was cut, as fit sees it
-            slot.stop = Stop.EARLY_STOPPING if slot.out_of_patience(member.train.patience) else \
-                Stop.COMPLETED if done else None
+            slot.stop = slot.stopping(member.train)  # a run that had ended before it was cut
         for name, value in model.state_dict().items():
             (self.params | self.buffers)[name][k] = value
         for j, (name, p) in enumerate(model.named_parameters()):  # the optimizer's state, as torch holds it
@@ -212,7 +210,7 @@ class Population:
         val = self.data.val
         with torch.no_grad():
             for xb, yb in zip(val.x.split(EVAL_BATCH), val.y.split(EVAL_BATCH), strict=True):
-                x = (xb.reshape(len(xb), -1).float() / 255.0).expand(len(self.slots), -1, -1)
+                x = normalize(xb).expand(len(self.slots), -1, -1)
                 logits = self.forward(x, None, dropout=False)
                 sums[:, 2] += F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(self.slots)),
                                               reduction="none").view(len(self.slots), -1).sum(1)
@@ -257,16 +255,10 @@ class Population:
                 slot.samples + slot.seen
             # -- stopping, member by member: divergence fails this member alone
             if not math.isfinite(stats.loss):  # it stops; result() gives its error
-                slot.stop, slot.error = Stop.COMPLETED, TrainingDiverged(
-                    f"loss is {stats.loss} at epoch {stats.epoch} (lr {lrs[i]:g}); lower train.lr")
+                slot.stop, slot.error = Stop.COMPLETED, TrainingDiverged.at(stats)
                 continue
             slot.record(stats, lambda i=i: self.member_state(i))
-            if on_epoch and on_epoch(i, stats):
-                slot.stop = Stop.REQUESTED
-            elif slot.out_of_patience(slot.cfg.patience):
-                slot.stop = Stop.EARLY_STOPPING
-            elif stats.epoch == slot.cfg.epochs:
-                slot.stop = Stop.COMPLETED
+            slot.stop = slot.stopping(slot.cfg, requested=bool(on_epoch and on_epoch(i, stats)))
 
     def result(self, k: int) -> FitResult | TrainingDiverged:
         """Member ``k``'s result, as a solo ``fit`` returns it, or the error it diverged with."""

@@ -26,6 +26,10 @@ EVAL_BATCH = 1000  # the recipe's val batch size; only bounds memory
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
+    @classmethod
+    def at(cls, stats: EpochStats) -> TrainingDiverged:
+        return cls(f"loss is {stats.loss} at epoch {stats.epoch} (lr {stats.lr:g}); lower train.lr")
+
 
 @dataclass(frozen=True)
 class EpochStats:
@@ -177,6 +181,15 @@ class EpochLog:
         """Early stopping: ``patience`` epochs without a better val_acc (0: never)."""
         return bool(patience) and self.since_best >= patience
 
+    def stopping(self, cfg: TrainConfig, requested: bool = False) -> Stop | None:
+        """Why the run stops after its last recorded epoch, if it does: ``on_epoch`` asked, early
+        stopping, or its last epoch."""
+        if requested:
+            return Stop.REQUESTED
+        if self.out_of_patience(cfg.patience):
+            return Stop.EARLY_STOPPING
+        return Stop.COMPLETED if len(self.history) >= cfg.epochs else None
+
     def result(self, stop: Stop, seconds: float, train_samples_per_s: float, resumed: int) -> FitResult:
         return FitResult(tuple(self.history), self.best_epoch, self.best_val_acc, stop, seconds, train_samples_per_s,
                          resumed)
@@ -247,7 +260,7 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
     if checkpoints:
         checkpoints.resume(model, state)
     resumed = epoch = len(state.history)
-    stop = Stop.EARLY_STOPPING if state.out_of_patience(cfg.patience) else None  # it had, before it was cut
+    stop = state.stopping(cfg)  # a run that had ended before it was cut
     seconds, train_seconds, train_samples = 0.0, 0.0, 0
 
     while stop is None and epoch < cfg.epochs:
@@ -271,16 +284,13 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
                            val_correct / len(data.val), lr, time.perf_counter() - t0)
         seconds, train_seconds, train_samples = seconds + stats.seconds, train_seconds + t_train, train_samples + seen
         if not math.isfinite(stats.loss):
-            raise TrainingDiverged(f"loss is {stats.loss} at epoch {epoch} (lr {lr:g}); lower train.lr")
+            raise TrainingDiverged.at(stats)
 
         # -- the recipe's best-epoch checkpoint, its StepLR and early stopping
         state.record(stats, model.state_dict)
         if state.scheduler:
             state.scheduler.step()
-        if on_epoch and on_epoch(stats):
-            stop = Stop.REQUESTED
-        elif state.out_of_patience(cfg.patience):
-            stop = Stop.EARLY_STOPPING
+        stop = state.stopping(cfg, requested=bool(on_epoch and on_epoch(stats)))
         if checkpoints:
             checkpoints.save(model, state, final=stop is not None or epoch == cfg.epochs)
 
