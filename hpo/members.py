@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,11 +22,11 @@ from hpo.augment import make_augment
 from hpo.config import ConfigError, StudyConfig
 from hpo.data import ImageData, training_splits
 from hpo.faults import check_failure_budget
-from hpo.files import store_artifact, write_json
+from hpo.files import write_json
 from hpo.population import Member, Population
-from hpo.runner import Attempt, Outcome, say, tell
-from hpo.runs import load_checkpoint, run_record, save_checkpoint
-from hpo.slots import Idle, Options, attempt_dir, heartbeat, take
+from hpo.runner import Attempt, Outcome, say_dropped, tell
+from hpo.runs import RunSummary, load_checkpoint, run_record, save_checkpoint, write_results
+from hpo.slots import Idle, Options, claim, heartbeat, record, take
 from hpo.storage import StorageError
 from hpo.study import StudyError, StudyHandle, suggest
 from hpo.train import EpochStats, TrainingDiverged
@@ -57,12 +55,8 @@ class Seat:
 
 
 def _seat(handle: StudyHandle, trial: optuna.trial.Trial, device: torch.device, opts: Options) -> Seat:
-    name = handle.cfg.study.name
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("hostname", platform.node())
-    trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
-    trial.set_user_attr("population", f"{platform.node()}:{os.getpid()}")
-    run_dir = attempt_dir(trial, Path(opts.out) / name, name)
+    run_dir = claim(trial, str(device), opts.out, handle.cfg.study.name)
+    trial.set_user_attr("population", trial.user_attrs["worker"])  # the worker's population it trains in
     cfg = handle.cfg.with_params(suggest(trial, handle.cfg))  # ConfigError: invalid parameters
     write_json(run_dir / "config.json", run_record(cfg, device))
     return Seat(trial, cfg, run_dir)
@@ -77,21 +71,17 @@ def _save(population: Population, k: int, seat: Seat) -> None:
 def _finish(handle: StudyHandle, population: Population, k: int, seat: Seat, opts: Options) -> Outcome | None:
     """The member's files, attributes and its one tell."""
     if seat.dropped:
-        say(f"trial {seat.trial.number} was failed and queued again by another worker while this one was stalled "
-            f"(no heartbeat for over {handle.storage.grace_period}s); this attempt is dropped")
+        say_dropped(handle, seat.trial)
         return None
-    result, trial = population.result(k), seat.trial
+    result, trial, data = population.result(k), seat.trial, population.data
     if isinstance(result, TrainingDiverged):
         return tell(handle, trial, Attempt(Outcome.DIVERGED, error=result))
     _save(population, k, seat)
-    summary = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-               "stop_reason": result.stop.value, "seconds": round(result.seconds, 3), "run_dir": str(seat.run_dir)}
-    write_json(seat.run_dir / "results.json", {**summary, "history": seat.history})
-    trial.set_user_attr("history", seat.history)
-    for key in ("best_epoch", "epochs_run", "seconds"):
-        trial.set_user_attr(key, summary[key])
-    trial.set_user_attr("resumed_from_epoch", population.slots[k].resumed_from)
-    trial.set_user_attr("checkpoint_artifact", store_artifact(opts.artifacts, seat.run_dir / "best.pt", trial))
+    summary = RunSummary(result.best_val_acc, result.best_epoch, result.epochs_run, result.stop,
+                         round(result.seconds, 3), round(result.train_samples_per_s, 1), 0.0, len(data.train),
+                         len(data.val), seat.run_dir / "best.pt", seat.run_dir, result.resumed_from_epoch)
+    write_results(summary, seat.history)
+    record(trial, summary, seat.history, opts.artifacts)
     return tell(handle, trial, Attempt.of(result.stop, result.best_val_acc))
 
 

@@ -97,6 +97,12 @@ def say(message: str) -> None:
     print(f"hpo: {message}", file=sys.stderr, flush=True)
 
 
+def say_dropped(handle: StudyHandle, trial: optuna.trial.Trial) -> None:
+    """The one line of an attempt whose trial another worker took over (see :func:`run_trial`)."""
+    say(f"trial {trial.number} was failed and queued again by another worker while this one was stalled "
+        f"(no heartbeat for over {handle.storage.grace_period}s); this attempt is dropped")
+
+
 def attempt(objective: Callable[[optuna.trial.Trial], RunSummary], trial: optuna.trial.Trial) -> Attempt:
     """Run ``objective`` on ``trial``; whatever it ends with becomes an Attempt. Errors that leave
     nothing to tell with (the database is lost, the trial was taken over) go on up."""
@@ -134,6 +140,5 @@ def run_trial(handle: StudyHandle, trial: optuna.trial.Trial,
     try:
         return tell(handle, trial, attempt(objective, trial))
     except optuna.exceptions.UpdateFinishedTrialError:
-        say(f"trial {trial.number} was failed and queued again by another worker while this one was stalled "
-            f"(no heartbeat for over {handle.storage.grace_period}s); this attempt is dropped")
+        say_dropped(handle, trial)
         return None

@@ -141,6 +141,11 @@ class RunSummary(Result):
                 f"checkpoint {self.checkpoint}")
 
 
+def write_results(summary: RunSummary, history: list[dict]) -> None:
+    """A run's ``results.json``: the summary and the per-epoch history."""
+    write_json(summary.run_dir / "results.json", {**summary.to_dict(), "history": history})
+
+
 def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData | None = None,
               on_epoch: Callable[[EpochStats], bool] | None = None,
               log: Callable[[str], None] | None = print, run_dir: Path | None = None,
@@ -177,6 +182,5 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
     summary = RunSummary(result.best_val_acc, result.best_epoch, result.epochs_run, result.stop,
                          round(result.seconds, 3), round(result.train_samples_per_s, 1), round(data_seconds, 3),
                          len(splits.train), len(splits.val), checkpoints.best, run_dir, result.resumed_from_epoch)
-    write_json(run_dir / "results.json", {**summary.to_dict(),
-                                          "history": [dataclasses.asdict(s) for s in result.history]})
+    write_results(summary, [dataclasses.asdict(s) for s in result.history])
     return summary

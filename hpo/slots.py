@@ -6,6 +6,8 @@ heartbeats of the trials it runs, and each attempt's own run folder. Used by the
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import shutil
 import threading
 import time
@@ -17,9 +19,9 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.faults import reap
-from hpo.files import writing
+from hpo.files import store_artifact, writing
 from hpo.runner import say
-from hpo.runs import new_run_dir
+from hpo.runs import RunSummary, new_run_dir
 from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL
 from hpo.study import COUNTED, StudyHandle, pop_waiting, top_up
 
@@ -68,6 +70,23 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Itera
     finally:
         stop.set()
         thread.join()
+
+
+def claim(trial: optuna.trial.Trial, device: str, out: str, name: str) -> Path:
+    """Mark ``trial`` as this worker's (device, host, process) and give the attempt its run folder."""
+    trial.set_user_attr("device", device)
+    trial.set_user_attr("hostname", platform.node())
+    trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
+    return attempt_dir(trial, Path(out) / name, name)
+
+
+def record(trial: optuna.trial.Trial, summary: RunSummary, history: list[dict], artifacts: str) -> None:
+    """A finished run's numbers as the trial's attributes, its best checkpoint as the trial's artifact."""
+    artifact = store_artifact(artifacts, summary.checkpoint, trial)
+    trial.set_user_attr("history", history)
+    for key in ("best_epoch", "epochs_run", "seconds", "resumed_from_epoch"):
+        trial.set_user_attr(key, getattr(summary, key))
+    trial.set_user_attr("checkpoint_artifact", artifact)
 
 
 def attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:

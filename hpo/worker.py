@@ -7,12 +7,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import platform
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -24,12 +22,11 @@ from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, make_splits, resolve_device
 from hpo.exits import WorkersFailed, run_command
 from hpo.faults import check_failure_budget
-from hpo.files import store_artifact
 from hpo.members import check_population, work_population
 from hpo.progress import Progress
 from hpo.runner import Outcome, run_trial
 from hpo.runs import RunSummary, resume_history, train_run
-from hpo.slots import Idle, Options, attempt_dir, heartbeat, take
+from hpo.slots import Idle, Options, claim, heartbeat, record, take
 from hpo.storage import mask
 from hpo.study import COUNTED, StudyHandle, check_target, open_study, set_target, suggest, top_up
 
@@ -45,11 +42,8 @@ class Objective:
     opts: Options
 
     def __call__(self, trial: optuna.trial.Trial) -> RunSummary:
-        name, opts = self.handle.cfg.study.name, self.opts
-        trial.set_user_attr("device", str(self.device))
-        trial.set_user_attr("hostname", platform.node())
-        trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
-        run_dir = attempt_dir(trial, Path(opts.out) / name, name)
+        opts = self.opts
+        run_dir = claim(trial, str(self.device), opts.out, self.handle.cfg.study.name)
         history = resume_history(run_dir)
         written = time.perf_counter()
 
@@ -65,11 +59,7 @@ class Objective:
         cfg = self.handle.cfg.with_params(suggest(trial, self.handle.cfg))
         summary = train_run(cfg, self.device, run_dir.parent, self.data, on_epoch, log=None, run_dir=run_dir,
                             save_every=opts.checkpoint_every)
-        artifact = store_artifact(opts.artifacts, summary.checkpoint, trial)
-        trial.set_user_attr("history", history)
-        for key in ("best_epoch", "epochs_run", "seconds", "resumed_from_epoch"):
-            trial.set_user_attr(key, getattr(summary, key))
-        trial.set_user_attr("checkpoint_artifact", artifact)
+        record(trial, summary, history, opts.artifacts)
         return summary
 
 
