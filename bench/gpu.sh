@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, say how it ended
 }
 
 # STEPS (default: all) picks some, e.g. STEPS="tests workers search mps" to redo those.
-want() { [[ " ${STEPS:-tests steps engine workers search mps population} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-tests steps engine workers search mps population curve} " == *" $1 "* ]]; }
 want tests && step "CUDA tests" 50 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_train.py tests/test_augment.py \
   tests/test_checks.py
 want steps && step "(2) where a step's time goes" 40 python3 bench/steps.py "${ARGS[@]}"
@@ -53,5 +53,10 @@ fi
 if want population && ((SECONDS < 480)); then
   step "(e) population vs one trial after another" 60 python3 bench/population.py "${ARGS[@]}" --trials 8 --epochs 2 \
     --repeats 1
+fi
+# Trials/hour and peak memory against the population's size (issue 13's K = 1..256 curve); it
+# does not fit after all the others: run it as STEPS="population curve" in a call of its own.
+if want curve && ((SECONDS < 480)); then
+  step "(e) population size curve" 120 python3 bench/population.py "${ARGS[@]}" --sizes 1,4,16,64,256 --epochs 2
 fi
 ls -la "$RESULTS"

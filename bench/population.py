@@ -8,6 +8,10 @@ population per batch size.
 Prints a markdown table and writes it, with a JSON twin, to bench/results/population-<device>.*,
 naming the machine. Times are wall seconds of training (data loading excluded), the median of
 interleaved repeats; trials/hour follow from them.
+
+With ``--sizes 1,4,16,64,256`` it draws the curve instead: for each K, the study's first K draws as
+one population (padded), its trials/hour and peak device memory (CUDA), written to
+bench/results/population-curve-<device>.*.
 """
 
 from __future__ import annotations
@@ -56,19 +60,49 @@ def population(cfgs, splits, group_by_batch_size: bool) -> list[float]:
     return best
 
 
+def curve(cfgs, splits, sizes: list[int], device: torch.device) -> list[dict]:
+    """Trials/hour and peak memory of one population of each size (the first K draws)."""
+    rows = []
+    for k in sizes:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        best = population(cfgs[:k], splits, False)
+        seconds = time.perf_counter() - t0  # population() ends on a host read: the device is done
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append({"k": k, "seconds": round(seconds, 2), "trials_per_hour": round(k * 3600 / seconds),
+                     "peak_gib": peak and round(peak, 2), "best_val_acc": round(max(best), 4)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--trials", type=int, default=8, help="the study's first K draws")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per trial")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each way, interleaved; medians reported")
+    ap.add_argument("--sizes", help="the curve instead: population sizes, e.g. 1,4,16,64,256")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
     cfg = load_study(STUDY, {"data.path": args.data, "train.epochs": args.epochs, "train.patience": 0,
                              **dict(parse_override(p) for p in args.param)})
-    cfgs = [cfg.with_params(draw(cfg, i)) for i in range(args.trials)]
+    sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else []
+    cfgs = [cfg.with_params(draw(cfg, i)) for i in range(max([args.trials, *sizes]))]
     splits = training_splits(load_data(args.data), cfg.data, device)
+    header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "epochs": args.epochs, "data": args.data, "params": args.param}
+    if sizes:
+        population(cfgs[:1], splits, False)  # warm-up: first launches, allocator
+        rows = curve(cfgs, splits, sizes, device)
+        body = ["One population of the recipe study's first K seeded draws, batches padded to the largest.", "",
+                "| K | seconds | trials/hour | peak GiB | best val acc |", "|---|---|---|---|---|",
+                *(f"| {r['k']} | {r['seconds']} | {r['trials_per_hour']} | {r['peak_gib']} | {r['best_val_acc']} |"
+                  for r in rows)]
+        return write_results(Path(args.out), f"population-curve-{device.type}", "Population size curve", header,
+                             body, {"rows": rows})
     ways = {"one after another (solo fit)": lambda: sequential(cfgs, splits),
             "one population, batches padded to the largest": lambda: population(cfgs, splits, False),
             "one population per batch size": lambda: population(cfgs, splits, True)}
@@ -85,10 +119,8 @@ def main() -> None:
              "trials_per_hour": round(args.trials * 3600 / statistics.median(s)),
              "speedup": round(base / statistics.median(s), 2), "best_val_acc": round(max(best[name]), 4),
              "val_acc_per_trial": [round(v, 4) for v in best[name]]} for name, s in seconds.items()]
-    header = {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "trials": args.trials, "epochs": args.epochs,
-              "repeats": args.repeats, "data": args.data, "params": args.param,
-              "draws (lr, batch size)": [(c.train.lr, c.train.batch_size) for c in cfgs]}
+    header |= {"trials": args.trials, "repeats": args.repeats,
+               "draws (lr, batch size)": [(c.train.lr, c.train.batch_size) for c in cfgs]}
     body = ["| way | seconds (median) | per repeat | trials/hour | speedup | best val acc |",
             "|---|---|---|---|---|---|",
             *(f"| {r['way']} | {r['seconds']} | {', '.join(map(str, r['per_repeat']))} | {r['trials_per_hour']} | "

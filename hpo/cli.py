@@ -68,8 +68,10 @@ def _options(args: argparse.Namespace):
 
     _positive("--n-trials", args.n_trials)
     _device(args.device if args.device != "auto" else "cpu")  # an unknown name fails before anything starts
-    for flag in ("--heartbeat", "--grace", "--max-failures", "--population"):
+    for flag in ("--heartbeat", "--grace", "--max-failures"):
         _positive(flag, getattr(args, flag[2:].replace("-", "_")))
+    if (args.population or 0) < 0:
+        raise UsageError(f"--population must be 0 (automatic) or a number of trials, got {args.population}")
     if not 0 <= args.db_timeout < float("inf"):  # also NaN
         raise UsageError(f"--db-timeout must be 0 (give up at once) or more seconds, got {args.db_timeout}")
     if args.grace <= args.heartbeat:
@@ -226,12 +228,13 @@ def parser() -> argparse.ArgumentParser:
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("--storage", default=os.environ.get("HPO_STORAGE", DEFAULT_STORAGE),
                          help=f"database URL (default: $HPO_STORAGE or {DEFAULT_STORAGE})")
+    artifacts = argparse.ArgumentParser(add_help=False)
+    artifacts.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
+                           help="artifact store folder for checkpoints; shared storage when workers span machines")
     runner = argparse.ArgumentParser(add_help=False)
     runner.add_argument("--n-trials", type=int, help="finished trials the study ends with (default: study.n_trials)")
     runner.add_argument("--skip-checks", action="store_true", help="skip the sanity gate (recorded in the study)")
     runner.add_argument("--out", default="runs", help="folder for the trials' run directories (default: runs)")
-    runner.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
-                        help="artifact store folder for checkpoints; shared storage when workers span machines")
     runner.add_argument("--quiet", action="store_true", help="no per-trial lines or progress bar")
     runner.add_argument("--heartbeat", type=int, default=HEARTBEAT_INTERVAL, help="seconds between heartbeats")
     runner.add_argument("--grace", type=int, default=GRACE_PERIOD,
@@ -245,14 +248,15 @@ def parser() -> argparse.ArgumentParser:
                         help="failed trials (NaN loss, OOM, invalid parameters) before the study stops "
                              "(default: the larger of the study's N and 10)")
     runner.add_argument("--population", type=int, metavar="K",
-                        help="trials each worker trains together as one population (default: [study] population, 1)")
+                        help="trials each worker trains together as one population; 0: 1 on a CPU, on CUDA as "
+                             "many as free memory holds (default: [study] population, 0)")
     reader = argparse.ArgumentParser(add_help=False)  # read-only: the study by name, its stored config
     reader.add_argument("study", nargs="?", help="study file (TOML) whose study to read; or --study NAME")
     reader.add_argument("--study", dest="study_name", metavar="NAME", help="the study's name in the storage")
-    run = sub.add_parser("run", parents=[*common, storage, runner], help="run a study: gate, then N trials")
+    run = sub.add_parser("run", parents=[*common, storage, runner, artifacts], help="run a study: gate, then N trials")
     run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
     run.set_defaults(func=cmd_run)
-    sub.add_parser("worker", parents=[*common, storage, runner], help="join a running study").set_defaults(
+    sub.add_parser("worker", parents=[*common, storage, runner, artifacts], help="join a running study").set_defaults(
         func=cmd_worker)
     best = sub.add_parser("best", parents=[reader, storage], help="the study's best trial")
     best.add_argument("--json", action="store_true", help="print a JSON object as the last line")
@@ -270,9 +274,6 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report.html", help="the HTML file to write")
     report.set_defaults(func=cmd_report)
 
-    artifacts = argparse.ArgumentParser(add_help=False)
-    artifacts.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
-                           help="the study's artifact store folder")
     dash = sub.add_parser("dashboard", parents=[storage, artifacts], help="optuna-dashboard on the study's storage")
     dash.add_argument("study", nargs="?", help="study file (unused: the dashboard shows every study)")
     dash.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")

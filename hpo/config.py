@@ -55,7 +55,8 @@ class StudySection:
     # Comparative pruning on top of early stopping (train.patience), which always applies.
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
     # Trials a worker trains together as one population (hpo.members); --population overrides it.
-    population: int = field(default=1, metadata=_rng(1, 4096))
+    # 0: automatic, 1 on a CPU, on CUDA from the free memory (hpo.members.auto_population).
+    population: int = field(default=0, metadata=_rng(0, 4096))
 
 
 @dataclass(frozen=True)

@@ -23,24 +23,53 @@ from hpo.config import ConfigError, StudyConfig
 from hpo.data import ImageData, training_splits
 from hpo.faults import check_failure_budget
 from hpo.files import write_json
+from hpo.models import build_model
 from hpo.population import Member, Population
 from hpo.runner import Attempt, Outcome, say_dropped, tell
 from hpo.runs import RunSummary, load_checkpoint, run_record, save_checkpoint, write_results
 from hpo.slots import Idle, Options, claim, heartbeat, record, take
 from hpo.storage import StorageError
 from hpo.study import StudyError, StudyHandle, suggest
-from hpo.train import EpochStats, TrainingDiverged
+from hpo.train import EVAL_BATCH, EpochStats, TrainingDiverged
 
 SHARED = ("model.", "data.", "train.optimizer")  # what the members of one population have in common
+OWN = ("model.dropout",)  # ... except these: each member has its own
+AUTO_CAP = 64  # the most members an automatic size picks: the K the GPU profile is taken at (bench/population.py)
+MEMORY_SHARE = 0.5  # of the device's free memory an automatic size fills: room for the allocator's slack
+
+
+def _shared_varied(cfg: StudyConfig) -> list[str]:
+    return [k for k in cfg.search if k.startswith(SHARED) and k not in OWN]
 
 
 def check_population(cfg: StudyConfig, size: int) -> None:
     """Members share the model's shape, the data and the optimizer type: a space that varies them
     cannot run as a population."""
-    varied = [k for k in cfg.search if k.startswith(SHARED)]
+    varied = _shared_varied(cfg)
     if size > 1 and varied:
         raise StudyError(f"population {size} (--population or [study] population): the search space varies "
                          f"{', '.join(varied)}, which the members of a population share; use --population 1")
+
+
+def member_bytes(cfg: StudyConfig, in_features: int, num_classes: int) -> int:
+    """A member's device memory, estimated: five copies of its weights (weights, gradients, two
+    optimizer moments, best weights) and a step's activations at the space's largest batch, twice
+    for the backward pass (or an eval batch's, whichever is more)."""
+    with torch.device("meta"):  # shapes only, nothing allocated
+        weights = sum(p.numel() for p in build_model(cfg.model, in_features, num_classes).parameters())
+    batch = cfg.search["train.batch_size"].largest() if "train.batch_size" in cfg.search else cfg.train.batch_size
+    row = in_features + 6 * cfg.model.depth * cfg.model.hidden + 3 * num_classes  # floats a row keeps
+    return 4 * (5 * weights + max(2 * batch, EVAL_BATCH) * row)
+
+
+def auto_population(cfg: StudyConfig, device: torch.device, in_features: int, num_classes: int, target: int) -> int:
+    """``population = 0``: one on a CPU (where a population is slower, README) or where the space
+    varies what members share; on CUDA as many as half the free memory holds, at most AUTO_CAP
+    and the study's N."""
+    if device.type != "cuda" or _shared_varied(cfg):
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(AUTO_CAP, target, int(MEMORY_SHARE * free) // member_bytes(cfg, in_features, num_classes)))
 
 
 @dataclass
@@ -131,7 +160,7 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
                     tell(handle, trial, Attempt(Outcome.INVALID_PARAMS, error=e))
                     ran += 1
                     continue
-                member = Member(seat.cfg.train, make_augment(seat.cfg.augment))
+                member = Member(seat.cfg.train, make_augment(seat.cfg.augment), seat.cfg.model.dropout)
                 k = free.pop(0)
                 if population is None:  # the first member sets the shape all share (check_population)
                     population = Population(seat.cfg.model, seat.cfg.train.optimizer, [member] * opts.population,

@@ -5,14 +5,19 @@ and stopping. No Optuna here, as in ``train``: a study drives members through ``
 A member sees exactly what a solo ``fit`` with its seed and parameters sees: its initial weights
 come from ``build_model`` after ``torch.manual_seed(seed)``, and its batches and augmentation draws
 from its own generator through the same ``augment.batches``. Members may differ in lr, batch size,
-weight decay, momentum, StepLR, patience, epochs and augmentation. A step pads every member's
+weight decay, momentum, StepLR, patience, epochs, dropout rate and augmentation. A step pads every member's
 batch to the largest with a row mask, so that a member's loss, gradients and batch norm statistics
 come from its own rows only; a member whose epoch has no batch left waits, untouched, until the
 others' epochs end. Members with another model shape or optimizer type need another population.
+
+Dropout is the one draw a member does not share with its solo run: the population draws every
+member's mask at once from torch's global generator, so a member with dropout is its solo run in
+distribution, not bit for bit (a member without dropout is unaffected).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +45,7 @@ class Member:
 
     train: TrainConfig
     augment: Augment
+    dropout: float = 0.0  # after each ReLU, as ModelConfig.dropout: the one part of the model a member has its own
 
 
 class _Slot(EpochLog):
@@ -54,6 +60,7 @@ class _Slot(EpochLog):
         self.stop: Stop | None = None
         self.error: TrainingDiverged | None = None
         self.resumed_from = 0  # the epochs it had run before it was admitted
+        self.names: list[str] = []  # its solo model's state dict names
 
     def lr(self) -> float:
         """StepLR's lr for the epoch about to run, multiplied out as StepLR does."""
@@ -79,22 +86,29 @@ class Population:
         self.moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in self.params.items()}
         self.steps = torch.zeros(k, len(self.params), device=device)  # Adam's step count, per parameter
         self.slots: list[_Slot] = [None] * k  # type: ignore[list-item]  (admit() fills each)
+        # A member's solo model has Dropout layers where the template has none, so its state dict
+        # names differ (``3.weight`` for ``2.weight``); they come in the same order, and map by position.
+        self.names = list(template.state_dict())
+        self.dropout = torch.zeros(k, 1, 1, device=device)  # each member's rate
+        self.dropping = False  # whether a running member has dropout: the others need no mask
         for i, member in enumerate(members):
             self.admit(i, member)
 
-    def _solo(self, seed: int | None = None) -> nn.Sequential:
-        """A solo model, initialized as ``train_run`` does for ``seed``; the global RNG is left as it was."""
+    def _solo(self, member: Member | None = None) -> nn.Sequential:
+        """A member's solo model, initialized as ``train_run`` does for its seed (without a member: the
+        template, with no dropout layers); the global RNG is left as it was."""
+        cfg = dataclasses.replace(self.model_cfg, dropout=member.dropout if member else 0.0)
         with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            model = build_model(self.model_cfg, self.data.train.x[0].numel(), self.num_classes)
+            if member is not None:
+                torch.manual_seed(member.train.seed)
+            model = build_model(cfg, self.data.train.x[0].numel(), self.num_classes)
         return model.to(self.data.train.x.device)
 
     @torch.no_grad()
     def admit(self, k: int, member: Member, last: dict | None = None, best: dict | None = None) -> None:
         """Put ``member`` in slot ``k`` (a freed one, at an epoch boundary) with its solo run's initial
         weights, or going on from a run that was cut: the contents of its ``last.pt`` and ``best.pt``."""
-        model, slot = self._solo(member.train.seed), _Slot(member, self.data.train.x.device)
+        model, slot = self._solo(member), _Slot(member, self.data.train.x.device)
         state = LoopState(model, member.train, graphs=False)
         if last is not None and best is not None:
             model.load_state_dict(last["model"])
@@ -103,22 +117,25 @@ class Population:
             slot.load_state_dict(last)
             slot.best_weights, slot.resumed_from = best["model"], len(slot.history)
             slot.stop = slot.stopping(member.train)  # a run that had ended before it was cut
-        for name, value in model.state_dict().items():
+        for name, value in zip(self.names, model.state_dict().values(), strict=True):
             (self.params | self.buffers)[name][k] = value
-        for j, (name, p) in enumerate(model.named_parameters()):  # the optimizer's state, as torch holds it
+        for j, (name, p) in enumerate(zip(self.params, model.parameters(), strict=True)):  # torch's optimizer state
             held = state.optimizer.state.get(p, {})
             self.moments[name][0][k] = held.get("exp_avg", held.get("momentum_buffer", 0.0))
             self.moments[name][1][k] = held.get("exp_avg_sq", 0.0)
             self.steps[k, j] = held.get("step", 0.0)
+        self.dropout[k] = member.dropout
+        slot.names = list(model.state_dict())
         self.slots[k] = slot
 
     def checkpoint(self, k: int) -> tuple[dict, dict]:
         """Member ``k``'s run as a solo run's ``last.pt`` and ``best.pt`` hold it: it goes on from
         them alone (hpo.runs.Checkpoints) or in any population (:meth:`admit`)."""
-        slot, model = self.slots[k], self._solo()
+        slot = self.slots[k]
+        model = self._solo(slot.member)
         model.load_state_dict(self.member_state(k))
         state = LoopState(model, slot.cfg, graphs=False)
-        for j, (name, p) in enumerate(model.named_parameters()):
+        for j, (name, p) in enumerate(zip(self.params, model.parameters(), strict=True)):
             m, v = (t[k].detach().clone() for t in self.moments[name])
             if slot.history:  # an optimizer that has stepped
                 state.optimizer.state[p] = {"step": self.steps[k, j].clone(), "exp_avg": m, "exp_avg_sq": v} \
@@ -137,8 +154,9 @@ class Population:
             self.slots[k].stop = Stop.COMPLETED
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Member ``k``'s weights as a solo model's ``state_dict``."""
-        return {name: t[k] for name, t in (self.params | self.buffers).items()}
+        """Member ``k``'s weights as its solo model's ``state_dict`` (its own names)."""
+        stacked = self.params | self.buffers
+        return {mine: stacked[name][k] for mine, name in zip(self.slots[k].names, self.names, strict=True)}
 
     # -- the stacked network: x [K, B, features], mask [K, B] (1 for a member's own rows)
 
@@ -150,8 +168,8 @@ class Population:
                 x = self._batch_norm(i, x, mask)
             elif isinstance(layer, nn.ReLU):
                 x = x.relu()
-            elif isinstance(layer, nn.Dropout) and dropout:
-                x = F.dropout(x, layer.p)
+                if dropout:  # each member's own rate: p = 0 keeps every unit, scaled by 1
+                    x = x * (torch.rand_like(x) >= self.dropout) / (1 - self.dropout)
         return x
 
     def _batch_norm(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -197,7 +215,7 @@ class Population:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lrs: list[float], sums: torch.Tensor,
               live: list[bool]) -> None:
-        logits = self.forward(x, mask, dropout=True)
+        logits = self.forward(x, mask, dropout=self.dropping)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mask) * mask
         n = mask.sum(1)
         (losses.sum(1) / n.clamp(min=1)).sum().backward()  # each member's mean: its solo gradient
@@ -226,6 +244,7 @@ class Population:
             if run:
                 slot.batches = slot.member.augment.batches(self.data.train, slot.cfg.batch_size, slot.generator)
         lrs = [s.lr() for s in self.slots]
+        self.dropping = any(s.member.dropout > 0 for s, run in zip(self.slots, running, strict=True) if run)
         sums = torch.zeros(k, 4, device=device)
         while True:
             batches = [next(s.batches, None) if run else None for s, run in zip(self.slots, running, strict=True)]

@@ -46,7 +46,8 @@ class Options:
     # Trials that may fail on their own (NaN loss, OOM, invalid parameters) before the study stops
     # drawing new ones; None: the larger of N and faults.MIN_FAILURE_BUDGET.
     max_failures: int | None = None
-    population: int | None = None  # trials trained together (hpo.members); None: the study file's [study] population
+    # Trials trained together (hpo.members); 0: automatic; None: the study file's [study] population.
+    population: int | None = None
 
 
 @contextlib.contextmanager

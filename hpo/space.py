@@ -57,6 +57,10 @@ class Distribution(ABC):
     def grid_points(self) -> tuple[Any, ...] | None:
         """Every value, in order, for the grid sampler; None when there are infinitely many."""
 
+    @abstractmethod
+    def largest(self) -> Any:
+        """The largest value it may take (a batch size bounds a population's memory)."""
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as the study stores it (the config hash is taken over it: keep it stable)."""
         return dataclasses.asdict(self)
@@ -89,6 +93,9 @@ class Categorical(Distribution):
 
     def grid_points(self) -> tuple[Any, ...]:
         return self.choices
+
+    def largest(self) -> Any:
+        return max(self.choices)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,9 @@ class Range(Distribution):
             return None  # float steps do not land exactly on values that Optuna would accept
         dist = self.to_optuna()
         return tuple(range(dist.low, dist.high + 1, dist.step))
+
+    def largest(self) -> float | int:
+        return self.high
 
 
 KINDS: dict[type, type[Distribution]] = {list: Categorical, dict: Range}  # the TOML shape -> the class

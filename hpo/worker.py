@@ -22,9 +22,9 @@ from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, make_splits, resolve_device
 from hpo.exits import WorkersFailed, run_command
 from hpo.faults import check_failure_budget
-from hpo.members import check_population, work_population
+from hpo.members import auto_population, check_population, work_population
 from hpo.progress import Progress
-from hpo.runner import Outcome, run_trial
+from hpo.runner import Outcome, run_trial, say
 from hpo.runs import RunSummary, resume_history, train_run
 from hpo.slots import Idle, Options, claim, heartbeat, record, take
 from hpo.storage import mask
@@ -95,9 +95,13 @@ def _load_checked(cfg: StudyConfig) -> ImageData:
 
 
 def _work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Options) -> int:
-    """Trials one at a time, or ``opts.population`` of them at once; how many ran here."""
-    if opts.population > 1:
-        return work_population(handle, data, device, opts)
+    """Trials one at a time, or ``opts.population`` of them at once (0: as many as fit); how many ran here."""
+    size = opts.population or auto_population(handle.cfg, device, data.train_x[0].size, len(data.classes),
+                                              handle.target)
+    if size > 1:
+        if not opts.population:
+            say(f"population {size}: trains up to {size} trials at once (automatic, from {device}'s free memory)")
+        return work_population(handle, data, device, dataclasses.replace(opts, population=size))
     objective = Objective(handle, data, device, opts)
     return work(handle, lambda trial: run_trial(handle, trial, objective), opts.max_failures)
 
@@ -107,7 +111,7 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers."""
     target = n_trials or cfg.study.n_trials
     check_target(cfg, target)
-    opts = dataclasses.replace(opts, population=opts.population or cfg.study.population)
+    opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
     check_population(cfg, opts.population)
     devices = _devices(opts.device, workers)
     data = _load_checked(cfg)
@@ -183,7 +187,7 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
     if n_trials:
         check_target(cfg, n_trials)
-    opts = dataclasses.replace(opts, population=opts.population or cfg.study.population)
+    opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
     check_population(cfg, opts.population)
     device = resolve_device(opts.device)
     data = _load_checked(cfg)

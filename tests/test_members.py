@@ -1,5 +1,8 @@
 """Trials trained as members of a population by `hpo run --population K`: each is still its own trial."""
 
+import dataclasses
+from pathlib import Path
+
 import optuna
 import pytest
 from conftest import hpo_cli
@@ -58,3 +61,77 @@ def test_a_space_that_varies_what_members_share_is_refused_in_one_line(study_fil
         "hpo: population 2 (--population or [study] population): the search space varies model.hidden, which the "
         "members of a population share; use --population 1"]
     assert not (tmp_path / "study.db").exists()
+
+
+def test_members_of_one_population_have_their_own_dropout(study_file, tmp_path):
+    """model.dropout is a member's own (hpo.population): a space that varies it runs as one population,
+    and each trial's best.pt is its solo model's, Dropout layers and all."""
+    import torch
+
+    from hpo.config import ModelConfig
+    from hpo.models import build_model
+
+    body = GRID.replace('"train.weight_decay" = [1.0, 0.0]', '"model.dropout" = [0.0, 0.5]').replace("10.0", "0.001")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    r = hpo_cli("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=2")
+    assert r.returncode == 0, r.stderr
+    trials = optuna.load_study(study_name="small", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len({t.user_attrs["population"] for t in trials}) == 1
+    for t in trials:
+        best = torch.load(f"{t.user_attrs['run_dir']}/best.pt", weights_only=True)["model"]
+        build_model(ModelConfig(dropout=t.params["model.dropout"])).load_state_dict(best)  # strict
+
+
+def test_the_automatic_size_is_one_on_a_cpu_and_what_free_memory_holds_on_cuda(monkeypatch):
+    """CI has no GPU: the free memory CUDA would report is given; the arithmetic is hpo's."""
+    import torch
+
+    from hpo.config import load_study
+    from hpo.members import AUTO_CAP, auto_population, member_bytes
+
+    cfg = load_study("studies/recipe-random-search.toml")
+    per = member_bytes(cfg, 3072, 10)
+    assert 1e6 < per < 1e8  # the recipe's MLP: 0.32 M weights and batches of at most 256 rows
+    assert member_bytes(cfg.with_params({"model.hidden": 400}), 3072, 10) > per
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * per, 80 * per))
+    assert auto_population(cfg, torch.device("cpu"), 3072, 10, 100) == 1
+    assert auto_population(cfg, gpu, 3072, 10, 100) == 20  # half the free memory
+    assert auto_population(cfg, gpu, 3072, 10, 5) == 5  # no more members than the study's trials
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**6 * per, 10**6 * per))
+    assert auto_population(cfg, gpu, 3072, 10, 10**4) == AUTO_CAP
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per // 2, per))
+    assert auto_population(cfg, gpu, 3072, 10, 100) == 1
+    from hpo import space
+
+    varied = dataclasses.replace(cfg, search={**cfg.search, "model.hidden": space.Categorical((50, 100))})
+    assert auto_population(varied, gpu, 3072, 10, 100) == 1  # members could not share a population
+
+
+def test_a_negative_population_is_refused_in_one_line(study_file, tmp_path):
+    r = hpo_cli("run", study_file(), "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--population", "-1")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "hpo: --population must be 0 (automatic) or a number of trials, got -1"]
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_the_study_s_pruner_prunes_members_as_trials(study_file, tmp_path):
+    """[study] pruner = "median" over a population: a member whose val acc falls below the median of
+    the finished trials at the same epoch is PRUNED there, alone; its neighbours go on."""
+    body = GRID.replace('n_trials = 4', 'n_trials = 8\npruner = "median"').replace("patience = 2\n", "") \
+        .replace('"train.lr" = [10.0, 0.01]', '"train.lr" = [0.0, 0.01]') \
+        .replace('"train.weight_decay" = [1.0, 0.0]', '"train.seed" = [0, 1, 2, 3]')
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    r = hpo_cli("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=5")
+    assert r.returncode == 0, r.stderr
+    trials = optuna.load_study(study_name="small", storage=url).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(pruned) >= 2 and {t.params["train.lr"] for t in pruned} == {0.0}  # lr 0 learns nothing
+    for t in pruned:
+        assert t.user_attrs["stop_reason"] == "pruned" and t.user_attrs["epochs_run"] == max(t.intermediate_values) < 5
+        assert (Path(t.user_attrs["run_dir"]) / "best.pt").is_file()  # its checkpoint is final
+    assert all(t.state == TrialState.COMPLETE and len(t.intermediate_values) == 5
+               for t in trials if t.params["train.lr"] == 0.01)

@@ -16,11 +16,13 @@ from hpo.population import Member, Population, fit_population
 from hpo.train import FitResult, Stop, TrainingDiverged, fit
 
 CPU = torch.device("cpu")
+REL = 1e-3  # float32 rounding apart (other matmul kernels), grown over a few epochs of training
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300), CPU)
+    # 1,000 val images: the tolerance of 0.002 val acc is two of them (with 200, one is 0.005)
+    return training_splits(synthetic(per_class=200), DataConfig(train_size=1000, val_size=1000, subset_size=300), CPU)
 
 
 def solo(splits, model: ModelConfig, cfg: TrainConfig, augment: str = "none", on_epoch=None) -> FitResult:
@@ -49,7 +51,7 @@ def test_each_member_is_its_solo_run(splits, model, optimizer):
     # second moment, so a weight whose true gradient is zero (a bias before batch norm) takes
     # lr-sized steps from rounding noise, in either run; batch norm cancels them in training, and
     # eval sees them through the running mean. Everywhere else the runs agree to float32's rounding.
-    rel = 5e-2 if model.batch_norm and optimizer == "adam" else 1e-4
+    rel = 5e-2 if model.batch_norm and optimizer == "adam" else REL
     for cfg, augment, got in zip(cfgs, augments, together, strict=True):
         alone = solo(splits, model, cfg, augment)
         assert [s.epoch for s in got.history] == [1, 2, 3, 4, 5] and got.stop == alone.stop == Stop.COMPLETED
@@ -111,7 +113,7 @@ def assert_same_run(got: FitResult | list, alone: FitResult) -> None:
     history = got.history if isinstance(got, FitResult) else got
     assert [s.epoch for s in history] == [s.epoch for s in alone.history]
     for a, b in zip(alone.history, history, strict=True):
-        assert abs(a.val_acc - b.val_acc) <= 0.002 and b.loss == pytest.approx(a.loss, rel=1e-4) and b.lr == a.lr
+        assert abs(a.val_acc - b.val_acc) <= 0.002 and b.loss == pytest.approx(a.loss, rel=REL) and b.lr == a.lr
 
 
 CUT = [TrainConfig(epochs=5, batch_size=32, step_size=2, gamma=0.5),
@@ -182,3 +184,22 @@ def test_a_freed_slot_takes_the_next_member_at_an_epoch_boundary(splits):
     for k, cfg in ((0, next_), (1, long_)):
         assert_same_run(population.result(k), solo(splits, ModelConfig(), cfg))
     assert_same_run(first, solo(splits, ModelConfig(), short))
+
+
+def test_members_have_their_own_dropout_rate(splits):
+    """A member without dropout stays its solo run beside members with it. A member with dropout
+    keeps its solo model's state dict names (its Dropout layers shift them): its checkpoint goes on
+    alone or in another population."""
+    model, cfg = ModelConfig(batch_norm=True), TrainConfig(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    population = Population(model, "sgd", [Member(cfg, make_augment("none"), p) for p in (0.0, 0.5, 0.9)], splits)
+    run_out(population)
+    assert_same_run(population.result(0), solo(splits, model, cfg))
+    none, half, most = ([s.loss for s in population.result(k).history] for k in range(3))
+    assert all(a < b < c for a, b, c in zip(none, half, most, strict=True))  # more dropped, a higher train loss
+    last, best = population.checkpoint(1)
+    for saved in (last["model"], best["model"]):
+        build_model(dataclasses.replace(model, dropout=0.5)).load_state_dict(saved)  # strict: the solo names
+    again = Population(model, "sgd", [Member(cfg, make_augment("none"))] * 2, splits)
+    again.admit(1, Member(cfg, make_augment("none"), 0.5), last, best)
+    assert again.member_state(1).keys() == last["model"].keys()
+    assert all(torch.equal(again.member_state(1)[n], v) for n, v in last["model"].items())

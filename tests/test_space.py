@@ -133,3 +133,8 @@ def test_the_grid_sampler_refuses_a_space_it_cannot_enumerate(study_file):
                                    "got {'low': 0.001, 'high': 0.1, 'log': False, 'step': None}"]
     cfg = load_study(study_file(body.replace('{low = 0.001, high = 0.1}', '[0.001, 0.1]')))
     assert [d.grid_points() for d in cfg.search.values()] == [(0.001, 0.1), (16, 32, 48)]
+
+
+def test_largest():
+    assert Categorical((64, 256, 32)).largest() == 256
+    assert Range(16, 96, step=16).largest() == 96 and Range(1e-4, 1e-1, log=True).largest() == 1e-1
