@@ -191,13 +191,18 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     _positive("--epochs", args.epochs)
     device = _device(args.device)
     handle = _read(args)
-    # The study's config, with the data where this machine has it: --data, else the study file's.
+    # The study's config, with the data where this machine has it and the budget of [retrain]: the
+    # study file's (with --param), else the study's; --param and --epochs over them.
     overrides = {k: v for k, v in _overrides(args).items() if k != "study.name"}
-    if args.study and "data.path" not in overrides:
-        overrides["data.path"] = _config(args).data.path
+    if args.study:
+        current = _config(args)
+        overrides = {"data.path": current.data.path, **{f"retrain.{k}": v for k, v in
+                                                        dataclasses.asdict(current.retrain).items()}, **overrides}
+    if args.epochs is not None:
+        overrides["retrain.epochs"] = args.epochs
     if overrides:
         handle = dataclasses.replace(handle, cfg=handle.cfg.with_params(overrides))
-    result = retrain(handle, device, Path(args.out), Path(args.artifacts), args.epochs)
+    result = retrain(handle, device, Path(args.out), Path(args.artifacts))
     print(result.line())
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -283,7 +288,7 @@ def parser() -> argparse.ArgumentParser:
     retrain = sub.add_parser("retrain", parents=[reader, options, storage, artifacts],
                              help="the best trial's setting on the full split, evaluated on test; the study's "
                                   "config, with --data and --param over it")
-    retrain.add_argument("--epochs", type=int, help="override train.epochs")
+    retrain.add_argument("--epochs", type=int, help="override retrain.epochs (default: [retrain] epochs, 100)")
     retrain.add_argument("--out", default="runs", help="folder for the run directory")
     retrain.set_defaults(func=cmd_retrain)
     return p

@@ -1,7 +1,7 @@
 """The study file: one frozen dataclass per section, validated once at load.
 
 A study file is TOML. Top-level ``augment`` comes first (TOML wants plain keys before tables),
-then the sections ``[study]``, ``[data]``, ``[model]``, ``[train]`` and ``[search]``::
+then the sections ``[study]``, ``[data]``, ``[model]``, ``[train]``, ``[retrain]`` and ``[search]``::
 
     augment = "recipe"          # "none", "recipe", or an albumentations file (.json/.yaml)
 
@@ -98,13 +98,20 @@ class TrainConfig:
     seed: int = 0  # model init, shuffling and augmentation
 
 
-SECTIONS: dict[str, type] = {
-    "study": StudySection,
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-}
-HYPERPARAMETER_SECTIONS = ("data", "model", "train")  # what --param and [search] may name
+@dataclass(frozen=True)
+class RetrainSection:
+    """``[retrain]``: the budget of the recipe's last step (``hpo retrain``). It replaces the best trial's
+    epochs, patience and StepLR, sized for the subset: the best setting was often still improving."""
+
+    epochs: int = field(default=100, metadata=_rng(1))  # recipe: 100
+    patience: int = field(default=10, metadata=_rng(0))  # recipe: early_stopping=10; 0 turns it off
+    step_size: int = field(default=20, metadata=_rng(0))  # recipe: StepLR(optimizer, 20, 0.1); 0 turns it off
+    gamma: float = field(default=0.1, metadata=_rng(0.0, 1.0, lo_open=True))  # StepLR factor
+
+
+SECTIONS: dict[str, type] = {"study": StudySection, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "retrain": RetrainSection}
+HYPERPARAMETER_SECTIONS = ("data", "model", "train")  # what [search] may name
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class StudyConfig:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
+    retrain: RetrainSection = field(default_factory=RetrainSection)
     augment: str = "none"  # "none", "recipe", or the path of an albumentations pipeline file
     search: dict[str, Distribution] = field(default_factory=dict)  # dotted key -> how it varies
     source: str = ""  # the file it came from
@@ -131,7 +139,8 @@ class StudyConfig:
         Raises ConfigError when it was written by an hpo whose config had other keys."""
         try:
             search = {k: space.from_dict(v) for k, v in d["search"].items()}
-            return cls(**{name: SECTIONS[name](**d[name]) for name in SECTIONS}, augment=d["augment"],
+            # A section added since (retrain) takes its defaults in a study stored before it.
+            return cls(**{name: SECTIONS[name](**d.get(name, {})) for name in SECTIONS}, augment=d["augment"],
                        search=search, source=d["source"])
         except (KeyError, TypeError) as e:
             why = f"{type(e).__name__}: {e}"

@@ -39,15 +39,18 @@ class RetrainResult(Result):
                 f"study artifact {self.artifact}")
 
 
-def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Path, epochs: int | None = None,
+def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Path,
             data: ImageData | None = None) -> RetrainResult:
-    """Train the best trial's parameters on the full train split (the study's scheduler and early
-    stopping), evaluate once on test, save ``final.pt`` and upload it as a study artifact."""
+    """Train the best trial's parameters on the full train split with the study's ``[retrain]``
+    budget (epochs, early stopping, StepLR), evaluate once on test, save ``final.pt`` and upload it
+    as a study artifact."""
     best = best_trial(handle)
     if best is None:
         raise StudyError(f"study {handle.cfg.study.name!r} has no completed trial to retrain yet; "
                          "finish some with `hpo run` first")
-    params = {**best.params, "data.train_on": "full", **({"train.epochs": epochs} if epochs else {})}
+    budget = handle.cfg.retrain
+    params = {**best.params, "data.train_on": "full", "train.epochs": budget.epochs, "train.patience": budget.patience,
+              "train.step_size": budget.step_size, "train.gamma": budget.gamma}
     cfg = handle.cfg.with_params(params)
     data = data if data is not None else load_data(cfg.data.path)
     run = train_run(cfg, device, out, data, log=print)

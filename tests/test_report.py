@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -103,6 +104,9 @@ def test_retrain_trains_the_best_on_the_full_split_and_tests_once(finished_study
     final = load_checkpoint(result["checkpoint"])
     assert final["config"]["data"]["train_on"] == "full" and final["test_acc"] == result["test_acc"]
     assert final["config"]["train"]["lr"] == best.params["train.lr"]
+    # The recipe's final budget ([retrain]'s defaults), not the trial's: patience 10, StepLR(20, 0.1)
+    assert {k: final["config"]["train"][k] for k in ("epochs", "patience", "step_size", "gamma")} == \
+        {"epochs": 2, "patience": 10, "step_size": 20, "gamma": 0.1}
     assert 0.1 < result["test_acc"] <= 1.0
     assert list((tmp / "art").rglob(result["artifact"]))  # stored as a study artifact
     assert study.user_attrs["hpo:retrain"]["test_acc"] == result["test_acc"]
@@ -161,3 +165,20 @@ def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished
             browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_retrain_takes_its_budget_from_the_study_file_s_retrain_section(finished_study, tmp_path):
+    """[retrain] replaces the trial's epochs, patience and StepLR (it is not part of the study's identity,
+    so the same study reads it); --param retrain.KEY goes over it."""
+    tmp, path, url = finished_study
+    edited = tmp_path / "small.toml"  # the same study name: the file's stem
+    edited.write_text(Path(path).read_text() + "\n[retrain]\nepochs = 3\npatience = 1\nstep_size = 2\ngamma = 0.5\n")
+    r = hpo_cli("retrain", edited, "--storage", url, "--device", "cpu", "--out", tmp_path / "runs", "--artifacts",
+                tmp / "art", "--param", "retrain.patience=0", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    train = load_checkpoint(result["checkpoint"])["config"]["train"]
+    assert (train["epochs"], train["patience"], train["step_size"], train["gamma"]) == (3, 0, 2, 0.5)
+    assert result["epochs_run"] == 3
+    history = json.loads((Path(result["checkpoint"]).parent / "results.json").read_text())["history"]
+    assert [round(e["lr"] / history[0]["lr"], 6) for e in history] == [1.0, 1.0, 0.5]  # StepLR(2, 0.5)
