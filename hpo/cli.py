@@ -189,6 +189,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from hpo.retrain import retrain
 
     _positive("--epochs", args.epochs)
+    _positive("--top", args.top)
     device = _device(args.device)
     handle = _read(args)
     # The study's config, with the data where this machine has it and the budget of [retrain]: the
@@ -202,7 +203,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         overrides["retrain.epochs"] = args.epochs
     if overrides:
         handle = dataclasses.replace(handle, cfg=handle.cfg.with_params(overrides))
-    result = retrain(handle, device, Path(args.out), Path(args.artifacts))
+    result = retrain(handle, device, Path(args.out), Path(args.artifacts), top=args.top)
     print(result.line())
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -290,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
                                   "config, with --data and --param over it")
     retrain.add_argument("--epochs", type=int, help="override retrain.epochs (default: [retrain] epochs, 100)")
     retrain.add_argument("--out", default="runs", help="folder for the run directory")
+    retrain.add_argument("--top", type=int, default=1, metavar="K",
+                         help="retrain the K best trials; the best of them on the full split's val is final")
     retrain.set_defaults(func=cmd_retrain)
     return p
 

@@ -3,18 +3,29 @@ evaluation on the test split. The final model is saved with its config and store
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hpo.data import ImageData, load_data, to_device
 from hpo.files import store_artifact, write_json
 from hpo.models import build_model
 from hpo.runs import Result, load_checkpoint, save_checkpoint, train_run
-from hpo.study import StudyError, StudyHandle, best_trial
+from hpo.study import StudyError, StudyHandle, best_trials
 from hpo.train import Stop, evaluate
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One retrained trial: its val acc on the subset (the search's) and on the full split."""
+
+    trial: int
+    subset_val_acc: float
+    full_val_acc: float
 
 
 @dataclass(frozen=True)
@@ -32,28 +43,48 @@ class RetrainResult(Result):
     seconds: float
     checkpoint: Path  # final.pt
     artifact: str  # its id in the study's artifact store
+    transfer: tuple[Transfer, ...]  # every retrained trial, best on the subset first
+    spearman: float | None  # subset val acc against full val acc, by rank; None for one trial
 
     def line(self) -> str:
-        return (f"retrained trial {self.from_trial} on the full split: val_acc {self.val_acc:.4f}, test_acc "
+        among = "" if len(self.transfer) < 2 else (
+            f" (the best on the full split's val of {len(self.transfer)} retrained; subset-to-full Spearman rho "
+            + ("-" if self.spearman is None else f"{self.spearman:.2f}") + ")")
+        return (f"retrained trial {self.from_trial} on the full split{among}: val_acc {self.val_acc:.4f}, test_acc "
                 f"{self.test_acc:.4f} after {self.epochs_run} epochs ({self.stop.value}); model {self.checkpoint}, "
                 f"study artifact {self.artifact}")
 
 
-def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Path,
-            data: ImageData | None = None) -> RetrainResult:
-    """Train the best trial's parameters on the full train split with the study's ``[retrain]``
-    budget (epochs, early stopping, StepLR), evaluate once on test, save ``final.pt`` and upload it
-    as a study artifact."""
-    best = best_trial(handle)
-    if best is None:
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation, ties given their average rank; None where it is undefined
+    (fewer than two pairs, or one side constant)."""
+    def ranks(v: Sequence[float]) -> np.ndarray:
+        a = np.asarray(v, dtype=float)
+        return np.array([(a < x).sum() + ((a == x).sum() + 1) / 2 for x in a])
+
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Path, data: ImageData | None = None,
+            top: int = 1) -> RetrainResult:
+    """Train the ``top`` best trials' parameters on the full train split with the study's ``[retrain]``
+    budget (epochs, early stopping, StepLR). The one with the best val acc there is evaluated once on
+    test, saved as ``final.pt`` and uploaded as a study artifact; every one's subset and full val acc
+    go in the result and the study (the report's subset-to-full table)."""
+    trials = best_trials(handle, top)
+    if not trials:
         raise StudyError(f"study {handle.cfg.study.name!r} has no completed trial to retrain yet; "
                          "finish some with `hpo run` first")
     budget = handle.cfg.retrain
-    params = {**best.params, "data.train_on": "full", "train.epochs": budget.epochs, "train.patience": budget.patience,
-              "train.step_size": budget.step_size, "train.gamma": budget.gamma}
-    cfg = handle.cfg.with_params(params)
-    data = data if data is not None else load_data(cfg.data.path)
-    run = train_run(cfg, device, out, data, log=print)
+    cfgs = [handle.cfg.with_params({**t.params, "data.train_on": "full", "train.epochs": budget.epochs,
+                                    "train.patience": budget.patience, "train.step_size": budget.step_size,
+                                    "train.gamma": budget.gamma}) for t in trials]
+    data = data if data is not None else load_data(cfgs[0].data.path)
+    runs = [train_run(cfg, device, out, data, log=print) for cfg in cfgs]
+    chosen = max(range(len(runs)), key=lambda i: runs[i].best_val_acc)  # by val: test is looked at once
+    best, cfg, run = trials[chosen], cfgs[chosen], runs[chosen]
 
     model = build_model(cfg.model, int(data.train_x[0].size), len(data.classes)).to(device)
     model.load_state_dict(load_checkpoint(run.checkpoint, device)["model"])
@@ -61,8 +92,10 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     final = run.run_dir / "final.pt"
     save_checkpoint(final, {"model": model.state_dict(), "config": cfg.to_dict(), "classes": list(data.classes),
                             "val_acc": run.best_val_acc, "test_acc": test_acc, "from_trial": best.number})
+    transfer = tuple(Transfer(t.number, t.value, r.best_val_acc) for t, r in zip(trials, runs, strict=True))
     result = RetrainResult(best.number, best.params, run.best_val_acc, test_acc, test_loss, run.epochs_run,
-                           run.best_epoch, run.stop, run.seconds, final, store_artifact(artifacts, final, handle.study))
+                           run.best_epoch, run.stop, run.seconds, final, store_artifact(artifacts, final, handle.study),
+                           transfer, spearman([t.subset_val_acc for t in transfer], [t.full_val_acc for t in transfer]))
     write_json(run.run_dir / "retrain.json", result.to_dict())
     handle.study.set_user_attr("hpo:retrain", {k: v for k, v in result.to_dict().items() if k != "params"})
     return result

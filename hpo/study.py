@@ -282,10 +282,14 @@ def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:
     return None
 
 
+def best_trials(handle: StudyHandle, k: int = 1) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` best COMPLETE trials, best first, ties in trial order (early-stopped ones included:
+    they complete with their best epoch)."""
+    return sorted(handle.trials((TrialState.COMPLETE,)), key=lambda t: t.value, reverse=True)[:k]
+
+
 def best_trial(handle: StudyHandle) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial (early-stopped ones included: they complete with their best epoch)."""
-    done = handle.trials((TrialState.COMPLETE,))
-    return max(done, key=lambda t: t.value) if done else None
+    return next(iter(best_trials(handle)), None)
 
 
 def summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

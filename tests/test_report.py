@@ -182,3 +182,26 @@ def test_retrain_takes_its_budget_from_the_study_file_s_retrain_section(finished
     assert result["epochs_run"] == 3
     history = json.loads((Path(result["checkpoint"]).parent / "results.json").read_text())["history"]
     assert [round(e["lr"] / history[0]["lr"], 6) for e in history] == [1.0, 1.0, 0.5]  # StepLR(2, 0.5)
+
+
+def test_retrain_top_k_picks_by_full_val_and_the_report_shows_the_subset_to_full_table(finished_study, tmp_path):
+    """--top 2: the two best trials retrained, the better on the full split's val is final (test is
+    looked at once), and the report sets subset against full val acc with Spearman's rho."""
+    tmp, path, url = finished_study
+    r = hpo_cli("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--top", "2",
+                "--out", tmp_path / "runs", "--artifacts", tmp / "art", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    study = optuna.load_study(study_name="small", storage=url)
+    two = sorted((t for t in study.trials if t.value is not None), key=lambda t: -t.value)[:2]
+    assert [t["trial"] for t in result["transfer"]] == [t.number for t in two]
+    assert [t["subset_val_acc"] for t in result["transfer"]] == [t.value for t in two]
+    assert result["val_acc"] == max(t["full_val_acc"] for t in result["transfer"])
+    assert result["from_trial"] == max(result["transfer"], key=lambda t: t["full_val_acc"])["trial"]
+    assert result["spearman"] in (-1.0, 1.0, None)  # two trials: the same order, the other, or a tie
+    assert "of 2 retrained" in r.stdout
+    out = tmp_path / "report.html"
+    assert hpo_cli("report", path, "--storage", url, "--out", out).returncode == 0
+    page = out.read_text()
+    assert "Subset to full split: did the ranking hold?" in page and "Spearman&#x27;s rho" not in page
+    assert "full_val_acc" in page and f"Final model: trial {result['from_trial']}" in page
