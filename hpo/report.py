@@ -143,13 +143,15 @@ def _timeline(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
     return fig.update_xaxes(type="date").update_layout(yaxis_title="worker (host:pid)", barmode="overlay")
 
 
-def _transfer(retrained: dict[str, Any]) -> str:
+def _transfer(retrained: dict[str, Any], trials: list[optuna.trial.FrozenTrial]) -> str:
     """The recipe's bet, that what wins on the subset wins on the full split, measured on the
     retrained trials: their val acc on each, side by side, and Spearman's rho between them."""
     if not retrained.get("transfer"):
         return "<p>not retrained yet: <code>hpo retrain --top K</code> trains the K best trials on the full split</p>"
-    rho = retrained["spearman"]
-    return table(retrained["transfer"]) + (
+    rho, labels = retrained["spearman"], {t.number: _label(t) for t in trials}
+    rows = [{"trial": r["trial"], "params": labels.get(r["trial"], ""), **{k: v for k, v in r.items() if k != "trial"}}
+            for r in retrained["transfer"]]
+    return table(rows) + (
         f"<p>Spearman's rho, subset against full: {'-' if rho is None else f'{rho:.2f}'} over "
         f"{len(retrained['transfer'])} trials. Final model: trial {retrained['from_trial']}, "
         f"test acc {retrained['test_acc']:.4f}.</p>")
@@ -181,7 +183,7 @@ def study_report(handle: StudyHandle, path: Path) -> list[str]:
         ("Parameter importances", _or_note(vis.plot_param_importances, study)),
         ("Sanity gate", table(gates)),
         ("Trials per worker", _timeline(ended) if ended else "<p>no finished trial</p>"),
-        ("Subset to full split: did the ranking hold?", _transfer(study.user_attrs.get("hpo:retrain") or {})),
+        ("Subset to full split: did the ranking hold?", _transfer(study.user_attrs.get("hpo:retrain") or {}, done)),
     ]
     write_html(path, f"Study {study.study_name}: {len(done)} finished trials", sections)
     return [s[0] for s in sections]

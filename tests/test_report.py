@@ -205,3 +205,4 @@ def test_retrain_top_k_picks_by_full_val_and_the_report_shows_the_subset_to_full
     page = out.read_text()
     assert "Subset to full split: did the ranking hold?" in page and "Spearman&#x27;s rho" not in page
     assert "full_val_acc" in page and f"Final model: trial {result['from_trial']}" in page
+    assert f"<td>{two[0].number}</td><td>lr={two[0].params['train.lr']:g}" in page  # each trial's params beside it
