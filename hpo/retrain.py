@@ -3,6 +3,7 @@ evaluation on the test split. The final model is saved with its config and store
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +78,9 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     if not trials:
         raise StudyError(f"study {handle.cfg.study.name!r} has no completed trial to retrain yet; "
                          "finish some with `hpo run` first")
-    budget = handle.cfg.retrain
-    cfgs = [handle.cfg.with_params({**t.params, "data.train_on": "full", "train.epochs": budget.epochs,
-                                    "train.patience": budget.patience, "train.step_size": budget.step_size,
-                                    "train.gamma": budget.gamma}) for t in trials]
+    # [retrain]'s keys are train keys: its budget replaces the trial's
+    budget = {f"train.{k}": v for k, v in dataclasses.asdict(handle.cfg.retrain).items()}
+    cfgs = [handle.cfg.with_params({**t.params, "data.train_on": "full", **budget}) for t in trials]
     data = data if data is not None else load_data(cfgs[0].data.path)
     runs = [train_run(cfg, device, out, data, log=print) for cfg in cfgs]
     chosen = max(range(len(runs)), key=lambda i: runs[i].best_val_acc)  # by val: test is looked at once

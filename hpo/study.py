@@ -289,6 +289,7 @@ def best_trials(handle: StudyHandle, k: int = 1) -> list[optuna.trial.FrozenTria
 
 
 def best_trial(handle: StudyHandle) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial, or None before any completed."""
     return next(iter(best_trials(handle)), None)
 
 

@@ -94,6 +94,14 @@ def _load_checked(cfg: StudyConfig) -> ImageData:
     return data
 
 
+def _with_population(cfg: StudyConfig, opts: Options) -> Options:
+    """``opts`` with the population size it runs: its own, else the study file's; refused where the
+    search space varies what members share."""
+    opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
+    check_population(cfg, opts.population)
+    return opts
+
+
 def _work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Options) -> int:
     """Trials one at a time, or ``opts.population`` of them at once (0: as many as fit); how many ran here."""
     size = opts.population or auto_population(handle.cfg, device, data.train_x[0].size, len(data.classes),
@@ -111,8 +119,7 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers."""
     target = n_trials or cfg.study.n_trials
     check_target(cfg, target)
-    opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
-    check_population(cfg, opts.population)
+    opts = _with_population(cfg, opts)
     devices = _devices(opts.device, workers)
     data = _load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
@@ -187,8 +194,7 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
     if n_trials:
         check_target(cfg, n_trials)
-    opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
-    check_population(cfg, opts.population)
+    opts = _with_population(cfg, opts)
     device = resolve_device(opts.device)
     data = _load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=False, heartbeat=opts.heartbeat, grace=opts.grace,
