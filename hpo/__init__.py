@@ -2,11 +2,12 @@
 
 The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
 ``runs`` records one training run and its checkpoints, ``config`` reads study files and ``space``
-their search space, ``storage`` opens the database, ``runner`` turns how a trial ended into the one
-state told, ``worker`` pops and runs trials one at a time and ``members`` many at once as one
-``population`` (``slots`` holds what the two share), ``progress`` shows them, ``faults`` handles
-trials that nobody runs and studies whose trials keep failing, ``files`` writes files whole or not
-at all, ``report`` draws data and studies, ``retrain`` is the recipe's last step, ``exits`` says how
+their search space, ``samplers`` makes the sampler and pruner they name, ``storage`` opens the
+database, ``runner`` turns how a trial ended into the one state told, ``worker`` pops and runs
+trials one at a time and ``members`` many at once as one ``population`` (``slots`` holds what the
+two share), ``progress`` shows them, ``faults`` handles trials that nobody runs and studies whose
+trials keep failing, ``files`` writes files whole or not at all, ``report`` draws data and studies,
+``retrain`` is the recipe's last step, ``pipeline`` runs all the steps in order, ``exits`` says how
 a command ends, ``cli`` is the ``hpo`` command.
 """
 
@@ -37,6 +38,7 @@ from hpo.data import (
 from hpo.faults import TooManyFailures
 from hpo.files import WriteError
 from hpo.models import build_model
+from hpo.pipeline import PipelineResult, pipeline
 from hpo.report import explore, study_report
 from hpo.retrain import RetrainResult, retrain
 from hpo.runner import Attempt, Outcome
@@ -50,10 +52,11 @@ from hpo.worker import join_study, run_study
 
 __all__ = [
     "DEFAULT_STORAGE", "Attempt", "Categorical", "EpochLog", "CheckReport", "Checkpoints", "ConfigError", "DataError",
-    "Distribution", "EpochStats", "FitResult", "GateFailed", "ImageData", "LoopState", "Options", "Outcome", "Range",
+    "Distribution", "EpochStats", "FitResult", "GateFailed", "ImageData", "LoopState", "Options", "Outcome",
+    "PipelineResult", "Range",
     "RetrainResult", "RunSummary", "Stop", "StudyConfig", "StudyError", "TooManyFailures", "TrainVal",
     "TrainingDiverged", "WriteError", "best_trial", "build_model", "explore", "fit", "gate", "join_study",
-    "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study", "read_study",
+    "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study", "pipeline", "read_study",
     "recipe_on_device", "recipe_pipeline", "resolve_device", "retrain", "run_checks", "run_study", "study_report",
     "synthetic", "train_run", "training_splits",
 ]

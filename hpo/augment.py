@@ -23,6 +23,7 @@ from hpo.data import DeviceSplit, normalize
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # cv2.COLOR_RGB2GRAY, what ToGray uses
 SHIFT_LIMIT = 20  # RGBShift's default, in uint8 units
 P_FLIP, P_ONE_OF, W_GRAY, W_SHIFT = 0.5, 0.5, 0.2, 0.3  # HorizontalFlip, OneOf, and its two weights
+SHIFT_PX = 4  # flip-shift's largest shift, in pixels: the usual CIFAR pad-and-crop
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -96,6 +97,23 @@ def recipe_on_device(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return recipe_apply(x, top, left, u[:, 2] < P_FLIP, gray, shift)
 
 
+def flip_shift_on_device(x: torch.Tensor, gen: torch.Generator, pad: int = SHIFT_PX) -> torch.Tensor:
+    """The usual light CIFAR augmentation, batched: a horizontal flip half the time and a shift of up
+    to ``pad`` pixels each way, black where the image left (albumentations' HorizontalFlip and
+    Affine(translate_px) with a zero border), as one gather. An MLP learns from it in a short run,
+    where the recipe's crop-and-resize holds it back."""
+    b, c, h, w = x.shape
+    u = torch.rand(b, 3, device=x.device, generator=gen)
+    dy, dx = ((u[:, :2] * (2 * pad + 1)).long() - pad).unbind(1)
+    rows = torch.arange(h, device=x.device) - dy[:, None]  # the source row of each output row
+    cols = torch.arange(w, device=x.device) - dx[:, None]
+    cols = torch.where(u[:, 2:] < P_FLIP, w - 1 - cols, cols)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    index = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+    out = x.reshape(b, c, h * w).gather(2, index.reshape(b, 1, h * w).expand(-1, c, -1)).reshape(b, c, h, w)
+    return out * inside[:, None].to(out.dtype)
+
+
 def _drop_lone_sample(order: torch.Tensor, batch_size: int) -> torch.Tensor:
     """A last batch of one image is left out of the epoch: BatchNorm cannot train on it."""
     return order[:-1] if len(order) % batch_size == 1 and len(order) > 1 else order
@@ -163,6 +181,9 @@ class PipelineAugment:
             yield normalize(x.to(data.x.device, non_blocking=True)), data.y[idx.to(data.y.device)]
 
 
+BUILT_IN = {"none": None, "recipe": recipe_on_device, "flip-shift": flip_shift_on_device}  # run on the device
+
+
 def _load_pipeline(path: Path):
     import albumentations as A  # only when a file is given: the import is slow
 
@@ -174,11 +195,12 @@ def check_augment(value: Any, base: Path) -> tuple[str, str | None]:
     it, and the problem with it or None."""
     if not isinstance(value, str):
         return "none", f"augment: must be a string, got {value!r}"
-    if value in ("none", "recipe"):
+    if value in BUILT_IN:
         return value, None
     path = Path(value) if Path(value).is_absolute() else base / value
     if path.suffix not in (".json", ".yaml", ".yml"):
-        return "none", f"augment: must be 'none', 'recipe' or an albumentations .json/.yaml file, got {value!r}"
+        return "none", (f"augment: must be one of {', '.join(map(repr, BUILT_IN))} or an albumentations "
+                        f".json/.yaml file, got {value!r}")
     if not path.is_file():
         return "none", f"augment: no albumentations pipeline file at {path}"
     try:
@@ -192,9 +214,7 @@ Augment = DeviceAugment | PipelineAugment  # what turns a train split into batch
 
 
 def make_augment(spec: str, workers: int = 2) -> Augment:
-    """``none``, ``recipe`` (batched on the device) or an albumentations file (CPU workers)."""
-    if spec == "none":
-        return DeviceAugment()
-    if spec == "recipe":
-        return DeviceAugment(recipe_on_device)
+    """One of BUILT_IN (batched on the device) or an albumentations file (CPU workers)."""
+    if spec in BUILT_IN:
+        return DeviceAugment(BUILT_IN[spec])
     return PipelineAugment(_load_pipeline(Path(spec)), workers)

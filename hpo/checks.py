@@ -184,7 +184,9 @@ def _memorize(ctx: _Context, name: str, idx: np.ndarray, max_epochs: int, done: 
     model = ctx.model_fn().to(ctx.device)
     if len(idx) == 1:
         model = _batch_norm_from_running_stats(model)
-    cfg = dataclasses.replace(ctx.cfg.train, batch_size=len(idx), epochs=max_epochs, patience=0, step_size=0)
+    # Plain cross-entropy: a smoothed loss has a floor (0.5 at smoothing 0.1) above the thresholds.
+    cfg = dataclasses.replace(ctx.cfg.train, batch_size=len(idx), epochs=max_epochs, patience=0, step_size=0,
+                              label_smoothing=0.0)
     try:
         result = fit(model, TrainVal(split, split), cfg, make_augment("none"), on_epoch=done)
     except RuntimeError as e:  # e.g. nothing requires grad: backward() refuses

@@ -183,13 +183,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``--epochs`` and ``--top`` as the [retrain] keys they override."""
+    flags = {"retrain.epochs": getattr(args, "epochs", None), "retrain.top": args.top}
+    for key, value in flags.items():
+        _positive(f"--{key.partition('.')[2]}", value)
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     import dataclasses
 
     from hpo.retrain import retrain
 
-    _positive("--epochs", args.epochs)
-    _positive("--top", args.top)
     device = _device(args.device)
     handle = _read(args)
     # The study's config, with the data where this machine has it and the budget of [retrain]: the
@@ -197,14 +203,26 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in _overrides(args).items() if k != "study.name"}
     if args.study:
         current = _config(args)
-        overrides = {"data.path": current.data.path, **{f"retrain.{k}": v for k, v in
-                                                        dataclasses.asdict(current.retrain).items()}, **overrides}
-    if args.epochs is not None:
-        overrides["retrain.epochs"] = args.epochs
+        overrides = {"data.path": current.data.path, **{f"retrain.{k}": v for k, v in current.retrain.keys().items()},
+                     **overrides}
+    overrides |= _retrain_flags(args)
     if overrides:
         handle = dataclasses.replace(handle, cfg=handle.cfg.with_params(overrides))
-    result = retrain(handle, device, Path(args.out), Path(args.artifacts), top=args.top)
+    result = retrain(handle, device, Path(args.out), Path(args.artifacts))
     print(result.line())
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from hpo.pipeline import pipeline
+
+    _positive("--workers", args.workers)
+    opts = _options(args)
+    cfg = _config(args, _retrain_flags(args))
+    result = pipeline(cfg, opts, Path(args.out) / cfg.study.name, args.n_trials, args.workers, quiet=args.quiet)
+    print("\n".join(result.lines()))
     if args.json:
         print(json.dumps(result.to_dict()))
     return 0
@@ -264,6 +282,12 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     sub.add_parser("worker", parents=[*common, storage, runner, artifacts], help="join a running study").set_defaults(
         func=cmd_worker)
+    pipe = sub.add_parser("pipeline", parents=[*common, storage, runner, artifacts],
+                          help="the whole recipe: explore, gate, search, retrain the top K, report; a second call "
+                               "goes on where the first stopped")
+    pipe.add_argument("--workers", type=int, default=1, help="worker processes for the search")
+    pipe.add_argument("--top", type=int, metavar="K", help="trials to retrain (default: [retrain] top, 1)")
+    pipe.set_defaults(func=cmd_pipeline)
     best = sub.add_parser("best", parents=[reader, storage], help="the study's best trial")
     best.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     best.set_defaults(func=cmd_best)
@@ -291,8 +315,8 @@ def parser() -> argparse.ArgumentParser:
                                   "config, with --data and --param over it")
     retrain.add_argument("--epochs", type=int, help="override retrain.epochs (default: [retrain] epochs, 100)")
     retrain.add_argument("--out", default="runs", help="folder for the run directory")
-    retrain.add_argument("--top", type=int, default=1, metavar="K",
-                         help="retrain the K best trials; the best of them on the full split's val is final")
+    retrain.add_argument("--top", type=int, metavar="K", help="retrain the K best trials; the best of them on the "
+                                                               "full split's val is final (default: [retrain] top, 1)")
     retrain.set_defaults(func=cmd_retrain)
     return p
 

@@ -3,7 +3,7 @@
 A study file is TOML. Top-level ``augment`` comes first (TOML wants plain keys before tables),
 then the sections ``[study]``, ``[data]``, ``[model]``, ``[train]``, ``[retrain]`` and ``[search]``::
 
-    augment = "recipe"          # "none", "recipe", or an albumentations file (.json/.yaml)
+    augment = "recipe"          # "none", "recipe", "flip-shift", or an albumentations file (.json/.yaml)
 
     [train]
     lr = 0.001
@@ -86,11 +86,12 @@ class ModelConfig:
 class TrainConfig:
     """``[train]``: the recipe's ``fit``."""
 
-    optimizer: Literal["adam", "sgd"] = "adam"  # recipe: Adam
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # recipe: Adam; AdamW decouples weight decay
     lr: float = field(default=1e-3, metadata=_rng(0.0, 10.0))  # recipe: 1e-3
     momentum: float = field(default=0.9, metadata=_rng(0.0, 1.0))  # SGD only
     weight_decay: float = field(default=0.0, metadata=_rng(0.0, 1.0))  # the recipe pairs it with SGD
     batch_size: int = field(default=32, metadata=_rng(1))  # recipe: 32
+    label_smoothing: float = field(default=0.0, metadata=_rng(0.0, 0.5))  # of the train loss; val loss stays plain
     epochs: int = field(default=10, metadata=_rng(1))  # recipe: 10 on the subset
     patience: int = field(default=0, metadata=_rng(0))  # early stopping; 0 turns it off
     step_size: int = field(default=0, metadata=_rng(0))  # StepLR period in epochs; 0 turns it off
@@ -101,12 +102,24 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RetrainSection:
     """``[retrain]``: the budget of the recipe's last step (``hpo retrain``). It replaces the best trial's
-    epochs, patience and StepLR, sized for the subset: the best setting was often still improving."""
+    epochs, patience and StepLR, sized for the subset: the best setting was often still improving.
+    Any other ``[train]`` key may be set here too, for the full split alone (``label_smoothing = 0.1``)."""
 
     epochs: int = field(default=100, metadata=_rng(1))  # recipe: 100
     patience: int = field(default=10, metadata=_rng(0))  # recipe: early_stopping=10; 0 turns it off
     step_size: int = field(default=20, metadata=_rng(0))  # recipe: StepLR(optimizer, 20, 0.1); 0 turns it off
     gamma: float = field(default=0.1, metadata=_rng(0.0, 1.0, lo_open=True))  # StepLR factor
+    top: int = field(default=1, metadata=_rng(1))  # the K best trials retrained; the best on the full val is final
+    train: dict[str, Any] = field(default_factory=dict)  # the other [train] keys it sets, validated as [train]'s
+
+    def overrides(self) -> dict[str, Any]:
+        """The ``[train]`` keys that replace each retrained trial's own."""
+        return {"epochs": self.epochs, "patience": self.patience, "step_size": self.step_size, "gamma": self.gamma,
+                **self.train}
+
+    def keys(self) -> dict[str, Any]:
+        """Every key as a study file writes it."""
+        return {**self.overrides(), "top": self.top}
 
 
 SECTIONS: dict[str, type] = {"study": StudySection, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
@@ -123,7 +136,7 @@ class StudyConfig:
     model: ModelConfig
     train: TrainConfig
     retrain: RetrainSection = field(default_factory=RetrainSection)
-    augment: str = "none"  # "none", "recipe", or the path of an albumentations pipeline file
+    augment: str = "none"  # "none", "recipe", "flip-shift", or the path of an albumentations pipeline file
     search: dict[str, Distribution] = field(default_factory=dict)  # dotted key -> how it varies
     source: str = ""  # the file it came from
 
@@ -156,7 +169,8 @@ class StudyConfig:
 
     def with_params(self, params: dict[str, Any]) -> StudyConfig:
         """This config with dotted keys set (a trial's sampled values), validated like the file."""
-        raw = {k: v for k, v in self.to_dict().items() if k not in ("search", "source")}
+        raw = {k: v for k, v in self.to_dict().items() if k not in ("search", "source", "retrain")}
+        raw["retrain"] = self.retrain.keys()  # as the file writes it: [train] keys at its top level
         return dataclasses.replace(validate(apply_overrides(raw, params), Path(self.source)), search=self.search)
 
 
@@ -204,17 +218,22 @@ def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{name}: must be a table ([{name}]), got {raw!r}")
         return cls()
-    known = _fields(cls)
-    values = {}
+    fields, train_keys = _fields(cls), {}
+    if cls is RetrainSection:  # [retrain] also sets any other [train] key, for the full split
+        del fields["train"]
+        train_keys = {k: v for k, v in _fields(TrainConfig).items() if k not in fields}
+    values, train = {}, {}
     for key, value in raw.items():
-        if key not in known:
-            problems.append(f"{name}.{key}: unknown key (known: {', '.join(known)})")
+        into = values if key in fields else train if key in train_keys else None
+        if into is None:
+            more = ", or any [train] key" if train_keys else ""
+            problems.append(f"{name}.{key}: unknown key (known: {', '.join(fields)}{more})")
             continue
-        f, hint = known[key]
-        values[key], problem = _check_value(f, hint, f"{name}.{key}", value)
+        f, hint = fields.get(key) or train_keys[key]
+        into[key], problem = _check_value(f, hint, f"{name}.{key}", value)
         if problem:
             problems.append(problem)
-    return cls(**values)
+    return cls(**values, train=train) if cls is RetrainSection else cls(**values)
 
 
 def _build_search(raw: Any, problems: list[str]) -> dict[str, Distribution]:
@@ -257,7 +276,8 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         section, _, name = key.partition(".")
         if key == "augment":
             out["augment"] = value
-        elif section in SECTIONS and name in _fields(SECTIONS[section]):
+        elif section in SECTIONS and (name in _fields(SECTIONS[section]) or section == "retrain" and
+                                      name in _fields(TrainConfig)):
             if isinstance(out.setdefault(section, {}), dict):  # else validate() reports the section
                 out[section][name] = value
         else:

@@ -2,7 +2,8 @@
 (hpo.population), and each is still its own Optuna trial. It reports every epoch, is pruned or
 stops early on its own, has its own run folder with ``best.pt`` and a resumable ``last.pt``, and is
 told through the same runner as a solo trial (hpo.runner). A freed place takes the next queued
-trial at the next epoch boundary; one thread sends every member's heartbeat.
+trial at the next epoch boundary; one thread sends every member's heartbeat. Outside a study,
+:func:`train_together` trains settings that can share a population at once (``hpo retrain --top K``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -26,13 +28,14 @@ from hpo.files import write_json
 from hpo.models import build_model
 from hpo.population import Member, Population
 from hpo.runner import Attempt, Outcome, say_dropped, tell
-from hpo.runs import RunSummary, load_checkpoint, run_record, save_checkpoint, write_results
-from hpo.slots import Idle, Options, claim, heartbeat, record, take
+from hpo.runs import RunSummary, load_checkpoint, new_run_dir, run_record, save_checkpoint, write_results
+from hpo.slots import Idle, Options, claim, heartbeat, prune, record, take
 from hpo.storage import StorageError
 from hpo.study import StudyError, StudyHandle, suggest
-from hpo.train import EVAL_BATCH, EpochStats, TrainingDiverged
+from hpo.train import EVAL_BATCH, EpochStats, FitResult, TrainingDiverged
 
-SHARED = ("model.", "data.", "train.optimizer")  # what the members of one population have in common
+# What the members of one population have in common.
+SHARED = ("model.", "data.", "train.optimizer", "train.label_smoothing")
 OWN = ("model.dropout",)  # ... except these: each member has its own
 AUTO_CAP = 64  # the most members an automatic size picks: the K the GPU profile is taken at (bench/population.py)
 MEMORY_SHARE = 0.5  # of the device's free memory an automatic size fills: room for the allocator's slack
@@ -43,7 +46,7 @@ def _shared_varied(cfg: StudyConfig) -> list[str]:
 
 
 def check_population(cfg: StudyConfig, size: int) -> None:
-    """Members share the model's shape, the data and the optimizer type: a space that varies them
+    """Members share the model's shape, the data, the optimizer type and the loss: a space that varies them
     cannot run as a population."""
     varied = _shared_varied(cfg)
     if size > 1 and varied:
@@ -91,10 +94,21 @@ def _seat(handle: StudyHandle, trial: optuna.trial.Trial, device: torch.device, 
     return Seat(trial, cfg, run_dir)
 
 
-def _save(population: Population, k: int, seat: Seat) -> None:
+def _save(population: Population, k: int, run_dir: Path) -> None:
     last, best = population.checkpoint(k)
-    save_checkpoint(seat.run_dir / "best.pt", best)  # first: last.pt never runs ahead of best.pt
-    save_checkpoint(seat.run_dir / "last.pt", last)
+    save_checkpoint(run_dir / "best.pt", best)  # first: last.pt never runs ahead of best.pt
+    save_checkpoint(run_dir / "last.pt", last)
+
+
+def _summary(population: Population, k: int, result: FitResult, run_dir: Path, history: list[dict]) -> RunSummary:
+    """Member ``k``'s ``best.pt``, ``last.pt`` and ``results.json``, as its solo ``train_run`` writes them."""
+    _save(population, k, run_dir)
+    data = population.data
+    summary = RunSummary(result.best_val_acc, result.best_epoch, result.epochs_run, result.stop,
+                         round(result.seconds, 3), round(result.train_samples_per_s, 1), 0.0, len(data.train),
+                         len(data.val), run_dir / "best.pt", run_dir, result.resumed_from_epoch)
+    write_results(summary, history)
+    return summary
 
 
 def _finish(handle: StudyHandle, population: Population, k: int, seat: Seat, opts: Options) -> Outcome | None:
@@ -102,14 +116,10 @@ def _finish(handle: StudyHandle, population: Population, k: int, seat: Seat, opt
     if seat.dropped:
         say_dropped(handle, seat.trial)
         return None
-    result, trial, data = population.result(k), seat.trial, population.data
+    result, trial = population.result(k), seat.trial
     if isinstance(result, TrainingDiverged):
         return tell(handle, trial, Attempt(Outcome.DIVERGED, error=result))
-    _save(population, k, seat)
-    summary = RunSummary(result.best_val_acc, result.best_epoch, result.epochs_run, result.stop,
-                         round(result.seconds, 3), round(result.train_samples_per_s, 1), 0.0, len(data.train),
-                         len(data.val), seat.run_dir / "best.pt", seat.run_dir, result.resumed_from_epoch)
-    write_results(summary, seat.history)
+    summary = _summary(population, k, result, seat.run_dir, seat.history)
     record(trial, summary, seat.history, opts.artifacts)
     return tell(handle, trial, Attempt.of(result.stop, result.best_val_acc))
 
@@ -143,7 +153,7 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
         seat.history.append(dataclasses.asdict(stats))
         try:
             seat.trial.report(stats.val_acc, stats.epoch)
-            return seat.trial.should_prune()
+            return prune(seat.trial, stats.epoch, seat.cfg.train.epochs)
         except optuna.exceptions.UpdateFinishedTrialError:
             seat.dropped = True
             return True
@@ -185,6 +195,44 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
                     check_failure_budget(handle, opts.max_failures)
             if time.perf_counter() - written >= opts.checkpoint_every:
                 for k, seat in seats.items():
-                    _save(population, k, seat)
+                    _save(population, k, seat.run_dir)
                     seat.trial.set_user_attr("history", seat.history)
                 written = time.perf_counter()
+
+
+def shareable(cfgs: Sequence[StudyConfig]) -> bool:
+    """Whether these settings can train as one population: equal in all that members share."""
+    def shared(cfg: StudyConfig) -> dict[str, Any]:
+        flat = {f"{section}.{k}": v for section in ("data", "model", "train") for k, v in
+                dataclasses.asdict(getattr(cfg, section)).items()}
+        return {k: v for k, v in flat.items() if k.startswith(SHARED) and k not in OWN and k != "data.path"}
+
+    return all(shared(c) == shared(cfgs[0]) for c in cfgs)
+
+
+def train_together(cfgs: Sequence[StudyConfig], device: torch.device, out: Path, data: ImageData,
+                   log: Callable[[str], None] | None = print) -> list[RunSummary]:
+    """``train_run`` for several settings at once, as one population (:func:`shareable` ones): each
+    gets the run folder, files and summary its own ``train_run`` would. Raises TrainingDiverged
+    if one of them diverges, as ``train_run`` does."""
+    splits = training_splits(data, cfgs[0].data, device)
+    run_dirs = [new_run_dir(out, cfg.study.name) for cfg in cfgs]
+    for cfg, run_dir in zip(cfgs, run_dirs, strict=True):
+        write_json(run_dir / "config.json", run_record(cfg, device))
+    members = [Member(cfg.train, make_augment(cfg.augment), cfg.model.dropout) for cfg in cfgs]
+    population = Population(cfgs[0].model, cfgs[0].train.optimizer, members, splits, len(data.classes))
+    histories: list[list[dict]] = [[] for _ in cfgs]
+
+    def on_epoch(k: int, stats: EpochStats) -> bool:
+        histories[k].append(dataclasses.asdict(stats))
+        if log:
+            log(f"[{k + 1}/{len(cfgs)}] {stats.line(cfgs[k].train.epochs)}")
+        return False
+
+    while any(slot.stop is None for slot in population.slots):
+        population.epoch(on_epoch)
+    results = [population.result(k) for k in range(len(cfgs))]
+    if diverged := next((r for r in results if isinstance(r, TrainingDiverged)), None):
+        raise diverged
+    return [_summary(population, k, r, d, h) for k, (r, d, h) in enumerate(zip(results, run_dirs, histories,
+                                                                              strict=True))]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
+from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from hpo.augment import Augment
@@ -77,6 +78,7 @@ class Population:
     def __init__(self, model: ModelConfig, optimizer: str, members: Sequence[Member], data: TrainVal,
                  num_classes: int = 10):
         self.model_cfg, self.optimizer, self.data, self.num_classes = model, optimizer, data, num_classes
+        self.label_smoothing = members[0].train.label_smoothing  # shared, as the optimizer (hpo.members.SHARED)
         device, k = data.train.x.device, len(members)
         template = self._solo()  # names and shapes; admit() fills each member's slice
         self.layers = list(template)
@@ -139,7 +141,7 @@ class Population:
             m, v = (t[k].detach().clone() for t in self.moments[name])
             if slot.history:  # an optimizer that has stepped
                 state.optimizer.state[p] = {"step": self.steps[k, j].clone(), "exp_avg": m, "exp_avg_sq": v} \
-                    if self.optimizer == "adam" else {"momentum_buffer": m}
+                    if self.optimizer != "sgd" else {"momentum_buffer": m}
         if state.scheduler:
             for group in state.optimizer.param_groups:
                 group["lr"] = slot.lr()
@@ -203,20 +205,22 @@ class Population:
             cfg = self.slots[k].cfg
             params, grads = [self.params[n][k] for n in names], [self.params[n].grad[k] for n in names]
             first, second = ([self.moments[n][i][k] for n in names] for i in (0, 1))
-            if self.optimizer == "adam":
-                adam(params, grads, first, second, [], list(self.steps[k]), fused=True,
-                                      amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lrs[k],
-                                      weight_decay=cfg.weight_decay, eps=ADAM_EPS, maximize=False)
+            if self.optimizer != "sgd":
+                step = adamw if self.optimizer == "adamw" else adam
+                step(params, grads, first, second, [], list(self.steps[k]), fused=True, amsgrad=False,
+                     beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lrs[k], weight_decay=cfg.weight_decay, eps=ADAM_EPS,
+                     maximize=False)
             else:  # a zero buffer's first step is the gradient itself, as SGD's first step is
-                sgd(params, grads, first, fused=True, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, lr=lrs[k], dampening=0.0, nesterov=False, maximize=False)
+                sgd(params, grads, first, fused=True, weight_decay=cfg.weight_decay, momentum=cfg.momentum, lr=lrs[k],
+                    dampening=0.0, nesterov=False, maximize=False)
         for p in self.params.values():
             p.grad = None
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, lrs: list[float], sums: torch.Tensor,
               live: list[bool]) -> None:
         logits = self.forward(x, mask, dropout=self.dropping)
-        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mask) * mask
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
+                                 label_smoothing=self.label_smoothing).view_as(mask) * mask
         n = mask.sum(1)
         (losses.sum(1) / n.clamp(min=1)).sum().backward()  # each member's mean: its solo gradient
         self._update(lrs, live)

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from hpo.checks import IMBALANCE_WARNING
 from hpo.config import DataConfig
 from hpo.data import ImageData, make_splits
 from hpo.files import atomic_write, write_json
+from hpo.retrain import RETRAIN_ATTR
 from hpo.study import COUNTED, StudyHandle
+from hpo.train import Stop
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: every worker imports hpo, none draws
     import plotly.graph_objects as go
@@ -143,6 +147,35 @@ def _timeline(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
     return fig.update_xaxes(type="date").update_layout(yaxis_title="worker (host:pid)", barmode="overlay")
 
 
+@dataclass(frozen=True)
+class EpochBudget:
+    """The search's epochs: what its finished trials could have run, what they ran, what stopped them short."""
+
+    budget: int  # each finished trial's train.epochs, summed
+    run: int
+    saved_by_pruning: int  # budget - run of the PRUNED trials
+    saved_by_early_stopping: int  # of the trials train.patience stopped
+
+    def line(self) -> str:
+        saved = self.budget - self.run
+        share = f" ({saved / self.budget:.0%})" if self.budget else ""
+        return (f"{self.run} of {self.budget} run, {saved} saved{share}: {self.saved_by_pruning} by the pruner, "
+                f"{self.saved_by_early_stopping} by early stopping")
+
+
+def epoch_budget(handle: StudyHandle) -> EpochBudget:
+    """What pruning (``[study] pruner``) and early stopping saved the study's finished trials."""
+    budget = run = pruned = early = 0
+    for t in handle.trials(COUNTED):
+        full, ran = int(t.params.get("train.epochs", handle.cfg.train.epochs)), int(t.user_attrs.get("epochs_run", 0))
+        budget, run = budget + full, run + ran
+        if t.state == TrialState.PRUNED:
+            pruned += full - ran
+        elif t.user_attrs.get("stop_reason") == Stop.EARLY_STOPPING.value:
+            early += full - ran
+    return EpochBudget(budget, run, pruned, early)
+
+
 def _transfer(retrained: dict[str, Any], trials: list[optuna.trial.FrozenTrial]) -> str:
     """The recipe's bet, that what wins on the subset wins on the full split, measured on the
     retrained trials: their val acc on each, side by side, and Spearman's rho between them."""
@@ -183,7 +216,8 @@ def study_report(handle: StudyHandle, path: Path) -> list[str]:
         ("Parameter importances", _or_note(vis.plot_param_importances, study)),
         ("Sanity gate", table(gates)),
         ("Trials per worker", _timeline(ended) if ended else "<p>no finished trial</p>"),
-        ("Subset to full split: did the ranking hold?", _transfer(study.user_attrs.get("hpo:retrain") or {}, done)),
+        ("Epochs: what pruning and early stopping saved", f"<p>{html.escape(epoch_budget(handle).line())}</p>"),
+        ("Subset to full split: did the ranking hold?", _transfer(study.user_attrs.get(RETRAIN_ATTR) or {}, done)),
     ]
     write_html(path, f"Study {study.study_name}: {len(done)} finished trials", sections)
     return [s[0] for s in sections]

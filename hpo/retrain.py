@@ -3,8 +3,7 @@ evaluation on the test split. The final model is saved with its config and store
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,13 @@ import torch
 
 from hpo.data import ImageData, load_data, to_device
 from hpo.files import store_artifact, write_json
+from hpo.members import shareable, train_together
 from hpo.models import build_model
 from hpo.runs import Result, load_checkpoint, save_checkpoint, train_run
 from hpo.study import StudyError, StudyHandle, best_trials
 from hpo.train import Stop, evaluate
+
+RETRAIN_ATTR = "hpo:retrain"  # the study's last retrain: the report's subset-to-full table
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ class RetrainResult(Result):
     transfer: tuple[Transfer, ...]  # every retrained trial, best on the subset first
     spearman: float | None  # subset val acc against full val acc, by rank; None for one trial
 
+    @classmethod
+    def stored(cls, handle: StudyHandle) -> RetrainResult:
+        """The study's last retrain, as ``retrain`` stored it (``hpo:retrain``, its params left out)."""
+        d = dict(handle.study.user_attrs[RETRAIN_ATTR])
+        stop = Stop(d.pop("stop_reason"))
+        return cls(**{**d, "params": handle.study.trials[d["from_trial"]].params, "stop": stop,
+                      "checkpoint": Path(d["checkpoint"]), "transfer": tuple(Transfer(**t) for t in d["transfer"])})
+
     def line(self) -> str:
         among = "" if len(self.transfer) < 2 else (
             f" (the best on the full split's val of {len(self.transfer)} retrained; subset-to-full Spearman rho "
@@ -69,20 +79,26 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Path, data: ImageData | None = None,
-            top: int = 1) -> RetrainResult:
-    """Train the ``top`` best trials' parameters on the full train split with the study's ``[retrain]``
-    budget (epochs, early stopping, StepLR). The one with the best val acc there is evaluated once on
-    test, saved as ``final.pt`` and uploaded as a study artifact; every one's subset and full val acc
-    go in the result and the study (the report's subset-to-full table)."""
-    trials = best_trials(handle, top)
+            log: Callable[[str], None] | None = print, together: bool | None = None) -> RetrainResult:
+    """Train the ``[retrain] top`` best trials' parameters on the full train split with the study's
+    ``[retrain]`` budget (epochs, early stopping, StepLR), ``together`` as one population where they
+    can share one (None: on CUDA). The one with the best val acc there is evaluated once on test,
+    saved as ``final.pt`` and uploaded as a study artifact; every one's subset and full val acc go
+    in the result and the study (the report's subset-to-full table)."""
+    trials = best_trials(handle, handle.cfg.retrain.top)
     if not trials:
         raise StudyError(f"study {handle.cfg.study.name!r} has no completed trial to retrain yet; "
                          "finish some with `hpo run` first")
     # [retrain]'s keys are train keys: its budget replaces the trial's
-    budget = {f"train.{k}": v for k, v in dataclasses.asdict(handle.cfg.retrain).items()}
+    budget = {f"train.{k}": v for k, v in handle.cfg.retrain.overrides().items()}
     cfgs = [handle.cfg.with_params({**t.params, "data.train_on": "full", **budget}) for t in trials]
     data = data if data is not None else load_data(cfgs[0].data.path)
-    runs = [train_run(cfg, device, out, data, log=print) for cfg in cfgs]
+    # As one population where they can share one (same model shape, optimizer...): by default on CUDA
+    # alone, where launches dominate; on a CPU a population is slower (README).
+    if (device.type == "cuda" if together is None else together) and len(cfgs) > 1 and shareable(cfgs):
+        runs = train_together(cfgs, device, out, data, log)
+    else:
+        runs = [train_run(cfg, device, out, data, log=log) for cfg in cfgs]
     chosen = max(range(len(runs)), key=lambda i: runs[i].best_val_acc)  # by val: test is looked at once
     best, cfg, run = trials[chosen], cfgs[chosen], runs[chosen]
 
@@ -97,5 +113,5 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
                            run.best_epoch, run.stop, run.seconds, final, store_artifact(artifacts, final, handle.study),
                            transfer, spearman([t.subset_val_acc for t in transfer], [t.full_val_acc for t in transfer]))
     write_json(run.run_dir / "retrain.json", result.to_dict())
-    handle.study.set_user_attr("hpo:retrain", {k: v for k, v in result.to_dict().items() if k != "params"})
+    handle.study.set_user_attr(RETRAIN_ATTR, {k: v for k, v in result.to_dict().items() if k != "params"})
     return result

@@ -90,6 +90,13 @@ def record(trial: optuna.trial.Trial, summary: RunSummary, history: list[dict], 
     trial.set_user_attr("checkpoint_artifact", artifact)
 
 
+def prune(trial: optuna.trial.Trial, epoch: int, epochs: int) -> bool:
+    """The study's pruner on a trial after ``epoch`` of ``epochs``, its value reported. Not asked after
+    the last: a trial that ran its whole budget has nothing left to save, and completes with its value
+    (a final rung at the budget would otherwise mark full runs PRUNED)."""
+    return epoch < epochs and trial.should_prune()
+
+
 def attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
     """A run folder of this attempt's own: an attempt that stalled and woke up after its retry
     started can never write over the retry's files. A retry starts from the checkpoints of the

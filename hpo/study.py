@@ -27,6 +27,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
 from hpo.config import StudyConfig
+from hpo.samplers import make_pruner, make_sampler
 from hpo.storage import (
     DB_TIMEOUT,
     GRACE_PERIOD,
@@ -107,21 +108,6 @@ class StudyHandle:
         return self.study.get_trials(deepcopy=False, states=states)
 
 
-def _sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    if cfg.study.sampler == "tpe":
-        return optuna.samplers.TPESampler()  # unseeded: workers must not draw the same points
-    return optuna.samplers.RandomSampler(seed=cfg.study.seed)  # every slot is pre-drawn anyway
-
-
-def _pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
-    return {
-        "none": optuna.pruners.NopPruner,
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.epochs),
-    }[cfg.study.pruner]()
-
-
 def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     """Queue a failed attempt's slot again with the same parameters, within the N cap (a dead worker's
     trial, an interrupted one). Its user attributes travel along, so the retry finds the attempt's
@@ -196,12 +182,13 @@ def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int 
     name = cfg.study.name
     with study_lock(storage, name):  # runs started at the same instant: one creates, the others join
         try:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(cfg), pruner=_pruner(cfg))
+            study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg),
+                                      pruner=make_pruner(cfg))
         except KeyError:
             if not create:
                 raise StudyError(f"no study {name!r} in {mask(storage_url)}; start it with `hpo run` first") from None
             study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                        sampler=_sampler(cfg), pruner=_pruner(cfg))
+                                        sampler=make_sampler(cfg), pruner=make_pruner(cfg))
             study.set_user_attr(HASH_ATTR, cfg.fingerprint(*IDENTITY))
             study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
         _refuse_foreign(study, cfg)
@@ -268,11 +255,12 @@ def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:
     """Take one WAITING trial, atomically (the storage flips WAITING to RUNNING under a row lock)."""
     storage = handle.storage
     # Listed through the study, so that its trial cache learns trials queued by other processes.
-    # Workers start at different places among the first few, rather than all race for the first.
+    # The first in line first: one worker runs the queue in order, so a seeded TPE study replays.
+    # A worker that loses it to another tries the next few in a random order, rather than race again.
     waiting = handle.trials((TrialState.WAITING,))
-    head = waiting[:POP_SPREAD]
-    random.shuffle(head)
-    for trial in head + waiting[POP_SPREAD:]:
+    spread = waiting[1:POP_SPREAD]
+    random.shuffle(spread)
+    for trial in waiting[:1] + spread + waiting[POP_SPREAD:]:
         trial_id = trial._trial_id  # Optuna's own key of a listed trial; asking the storage is a round trip
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):

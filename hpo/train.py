@@ -85,8 +85,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, graphs: bool = False) -> 
     if cfg.optimizer == "sgd":  # SGD keeps no step count on the host: capturable as it is
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
-                            capturable=graphs)
+    adam = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphs)
 
 
 class TrainStep:
@@ -102,9 +102,10 @@ class TrainStep:
     WARMUP = 3
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor, batch_size: int,
-                 graphs: bool):
+                 graphs: bool, label_smoothing: float = 0.0):
         self.model, self.optimizer, self.sums, self.batch_size = model, optimizer, sums, batch_size
-        self.criterion = nn.CrossEntropyLoss(reduction="sum")  # sums: per-sample means come out exact
+        # sums: per-sample means come out exact
+        self.criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
         self.warmup = self.WARMUP if graphs else None  # None: never capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] = ()
@@ -255,7 +256,7 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
     graphs = cuda_graphs and device.type == "cuda"
     state = LoopState(model, cfg, graphs)
     sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct; one tensor the graph adds to
-    step = TrainStep(model, state.optimizer, sums, cfg.batch_size, graphs)
+    step = TrainStep(model, state.optimizer, sums, cfg.batch_size, graphs, cfg.label_smoothing)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if checkpoints:
         checkpoints.resume(model, state)
@@ -278,7 +279,7 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
         t_train = time.perf_counter() - t0
 
         # -- validate
-        sums[2:] = _eval_sums(model, data.val, step.criterion)
+        sums[2:] = _eval_sums(model, data.val, nn.CrossEntropyLoss(reduction="sum"))  # unsmoothed: comparable
         loss_sum, correct, val_loss_sum, val_correct = sums.tolist()  # the epoch's one sync
         stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(data.val),
                            val_correct / len(data.val), lr, time.perf_counter() - t0)

@@ -26,7 +26,7 @@ from hpo.members import auto_population, check_population, work_population
 from hpo.progress import Progress
 from hpo.runner import Outcome, run_trial, say
 from hpo.runs import RunSummary, resume_history, train_run
-from hpo.slots import Idle, Options, claim, heartbeat, record, take
+from hpo.slots import Idle, Options, claim, heartbeat, prune, record, take
 from hpo.storage import mask
 from hpo.study import COUNTED, StudyHandle, check_target, open_study, set_target, suggest, top_up
 
@@ -54,7 +54,7 @@ class Objective:
             if time.perf_counter() - written >= opts.checkpoint_every:  # the dashboard's live curves
                 trial.set_user_attr("history", history)
                 written = time.perf_counter()
-            return trial.should_prune()
+            return prune(trial, stats.epoch, cfg.train.epochs)
 
         cfg = self.handle.cfg.with_params(suggest(trial, self.handle.cfg))
         summary = train_run(cfg, self.device, run_dir.parent, self.data, on_epoch, log=None, run_dir=run_dir,
@@ -87,14 +87,14 @@ def _devices(device: str, workers: int) -> list[str]:
     return [str(resolve_device(device))] * workers
 
 
-def _load_checked(cfg: StudyConfig) -> ImageData:
+def load_checked(cfg: StudyConfig) -> ImageData:
     """The data, with the study's splits checked against it: bad data fails before the study is written."""
     data = load_data(cfg.data.path)
     make_splits(data.train_y, cfg.data)
     return data
 
 
-def _with_population(cfg: StudyConfig, opts: Options) -> Options:
+def with_population(cfg: StudyConfig, opts: Options) -> Options:
     """``opts`` with the population size it runs: its own, else the study file's; refused where the
     search space varies what members share."""
     opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
@@ -115,13 +115,14 @@ def _work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Opti
 
 
 def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, workers: int = 1,
-              quiet: bool = False) -> dict[str, Any]:
-    """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers."""
+              quiet: bool = False, data: ImageData | None = None) -> dict[str, Any]:
+    """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers (``data``:
+    the study's, loaded already; each worker process loads its own)."""
     target = n_trials or cfg.study.n_trials
     check_target(cfg, target)
-    opts = _with_population(cfg, opts)
+    opts = with_population(cfg, opts)
     devices = _devices(opts.device, workers)
-    data = _load_checked(cfg)
+    data = data if data is not None else load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
                         db_timeout=opts.db_timeout)
     set_target(handle, target)
@@ -194,9 +195,9 @@ def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, qui
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
     if n_trials:
         check_target(cfg, n_trials)
-    opts = _with_population(cfg, opts)
+    opts = with_population(cfg, opts)
     device = resolve_device(opts.device)
-    data = _load_checked(cfg)
+    data = load_checked(cfg)
     handle = open_study(cfg, opts.storage, create=False, heartbeat=opts.heartbeat, grace=opts.grace,
                         db_timeout=opts.db_timeout)
     if n_trials:

@@ -48,6 +48,14 @@ def test_the_sound_pipeline_passes(cfg, data, device):
     assert all(c.seconds >= 0 for c in report.checks)
 
 
+def test_label_smoothing_and_adamw_pass(cfg, data):
+    """The memorization checks train on plain cross-entropy: a smoothed loss never falls below 0.05."""
+    smooth = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, label_smoothing=0.2, optimizer="adamw",
+                                                                weight_decay=0.05))
+    report = run_checks(smooth, data, CPU)
+    assert report.passed, report.to_dict()
+
+
 def test_wrong_output_size(cfg, data):
     report = run_checks(cfg, data, CPU, model_fn=lambda: build_model(cfg.model, 3072, 9))
     assert "output_shape" in failed(report) and not report.passed

@@ -120,9 +120,11 @@ def test_a_negative_population_is_refused_in_one_line(study_file, tmp_path):
 def test_the_study_s_pruner_prunes_members_as_trials(study_file, tmp_path):
     """[study] pruner = "median" over a population: a member whose val acc falls below the median of
     the finished trials at the same epoch is PRUNED there, alone; its neighbours go on."""
+    # Seeds first: the grid's order alternates lr 0 and 0.01, so each population holds both, and the
+    # second one's lr-0 members meet the median of the first one's four finished trials.
     body = GRID.replace('n_trials = 4', 'n_trials = 8\npruner = "median"').replace("patience = 2\n", "") \
-        .replace('"train.lr" = [10.0, 0.01]', '"train.lr" = [0.0, 0.01]') \
-        .replace('"train.weight_decay" = [1.0, 0.0]', '"train.seed" = [0, 1, 2, 3]')
+        .replace('"train.lr" = [10.0, 0.01]', '"train.seed" = [0, 1, 2, 3]') \
+        .replace('"train.weight_decay" = [1.0, 0.0]', '"train.lr" = [0.0, 0.01]')
     url = f"sqlite:///{tmp_path / 'study.db'}"
     r = hpo_cli("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
                 "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=5")

@@ -6,10 +6,10 @@ from conftest import DEVICES, ON_CUDA
 
 from hpo.augment import make_augment
 from hpo.config import DataConfig, ModelConfig, TrainConfig
-from hpo.data import resolve_device, synthetic, training_splits
+from hpo.data import normalize, resolve_device, synthetic, training_splits
 from hpo.models import build_model
 from hpo.runs import Checkpoints, load_checkpoint
-from hpo.train import Stop, TrainingDiverged, fit
+from hpo.train import Stop, TrainingDiverged, fit, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -153,7 +153,7 @@ def test_device_names():
 
 
 @pytest.mark.parametrize("device", [ON_CUDA])
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_cuda_graphs_train_as_eager_steps_do(tmp_path, monkeypatch, device, optimizer):
     """Replayed graphs must be the eager run: batch norm, augmentation, StepLR, a short last batch."""
     replays = []
@@ -171,3 +171,24 @@ def test_cuda_graphs_train_as_eager_steps_do(tmp_path, monkeypatch, device, opti
         assert a.epoch == b.epoch and a.lr == pytest.approx(b.lr, rel=1e-6)  # the graphs' lr is a float32 tensor
         assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.val_loss == pytest.approx(b.val_loss, rel=1e-4)
         assert abs(a.val_acc - b.val_acc) <= 0.01
+
+
+def test_label_smoothing_raises_the_train_loss_and_leaves_the_val_loss_plain(splits):
+    """The smoothed loss is what the model trains on; val loss stays cross-entropy, comparable across trials."""
+    _, plain = run(splits, epochs=2, lr=0.01)
+    net, smooth = run(splits, epochs=2, lr=0.01, label_smoothing=0.2)
+    assert smooth.history[0].loss > plain.history[0].loss
+    net.eval()
+    with torch.no_grad():
+        logits = net(normalize(splits.val.x))
+    best = smooth.history[smooth.best_epoch - 1]  # the model ends on its best epoch's weights
+    assert best.val_loss == pytest.approx(torch.nn.functional.cross_entropy(logits, splits.val.y).item(), rel=1e-4)
+
+
+def test_adamw_decays_the_weights_apart_from_the_gradient(splits):
+    """AdamW's decay shrinks weights by lr x wd each step whatever the gradient; Adam's L2 term goes
+    through the moments instead, so the two runs part."""
+    _, adam = run(splits, epochs=2, lr=0.01, optimizer="adam", weight_decay=0.1)
+    net, adamw = run(splits, epochs=2, lr=0.01, optimizer="adamw", weight_decay=0.1)
+    assert adam.history[-1].loss != adamw.history[-1].loss
+    assert isinstance(make_optimizer(net, TrainConfig(optimizer="adamw")), torch.optim.AdamW)
