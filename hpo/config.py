@@ -110,6 +110,8 @@ class RetrainSection:
     step_size: int = field(default=20, metadata=_rng(0))  # recipe: StepLR(optimizer, 20, 0.1); 0 turns it off
     gamma: float = field(default=0.1, metadata=_rng(0.0, 1.0, lo_open=True))  # StepLR factor
     top: int = field(default=1, metadata=_rng(1))  # the K best trials retrained; the best on the full val is final
+    # The recipe regularizes after its search: "" keeps each trial's augmentation, else this one (as `augment`).
+    augment: str = ""
     train: dict[str, Any] = field(default_factory=dict)  # the other [train] keys it sets, validated as [train]'s
 
     def overrides(self) -> dict[str, Any]:
@@ -119,7 +121,7 @@ class RetrainSection:
 
     def keys(self) -> dict[str, Any]:
         """Every key as a study file writes it."""
-        return {**self.overrides(), "top": self.top}
+        return {**self.overrides(), "top": self.top, "augment": self.augment}
 
 
 SECTIONS: dict[str, type] = {"study": StudySection, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
@@ -296,6 +298,10 @@ def validate(raw: dict[str, Any], source: Path) -> StudyConfig:
     sections = {name: _build_section(name, raw.get(name, {}), problems) for name in SECTIONS}
     augment, problem = check_augment(raw.get("augment", "none"), source.parent)
     problems += [problem] if problem else []
+    if sections["retrain"].augment:
+        again, problem = check_augment(sections["retrain"].augment, source.parent)
+        problems += [f"retrain.{problem}"] if problem else []
+        sections["retrain"] = dataclasses.replace(sections["retrain"], augment=again)
     search = _build_search(raw.get("search", {}), problems)
     data: DataConfig = sections["data"]
     if data.subset_size > data.train_size:

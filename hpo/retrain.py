@@ -91,6 +91,8 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
                          "finish some with `hpo run` first")
     # [retrain]'s keys are train keys: its budget replaces the trial's
     budget = {f"train.{k}": v for k, v in handle.cfg.retrain.overrides().items()}
+    if handle.cfg.retrain.augment:
+        budget["augment"] = handle.cfg.retrain.augment
     cfgs = [handle.cfg.with_params({**t.params, "data.train_on": "full", **budget}) for t in trials]
     data = data if data is not None else load_data(cfgs[0].data.path)
     # As one population where they can share one (same model shape, optimizer...): by default on CUDA

@@ -46,8 +46,10 @@ def test_defaults_are_the_recipe_baseline(study_file):
     ("[study]\nsampler = 'bayes'", "study.sampler: must be one of"),
     ("[trian]\nlr = 1.0", "trian: unknown section"),
     ("[retrain]\nmomentum = 2.0", "retrain.momentum: must be <= 1.0, got 2.0"),
-    ("[retrain]\nlayers = 3", "retrain.layers: unknown key (known: epochs, patience, step_size, gamma, top, or any "
-                               "[train] key)"),
+    ("[retrain]\nlayers = 3", "retrain.layers: unknown key (known: epochs, patience, step_size, gamma, top, "
+                               "augment, or any [train] key)"),
+    ("[retrain]\naugment = 'mixup'", "retrain.augment: must be one of 'none', 'recipe', 'flip-shift' or an "
+                                      "albumentations"),
     ("augment = 'mixup'", "augment: must be one of 'none', 'recipe', 'flip-shift' or an albumentations"),
     ("augment = 'missing.json'", "augment: no albumentations pipeline file"),
     ("[search]\n'train.lr' = []", "search.train.lr: the list of choices is empty"),

@@ -168,12 +168,13 @@ def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished
 
 
 def test_retrain_takes_its_budget_from_the_study_file_s_retrain_section(finished_study, tmp_path):
-    """[retrain] replaces the trial's epochs, patience and StepLR, and any other [train] key it sets (it
-    is not part of the study's identity, so the same study reads it); --param retrain.KEY goes over it."""
+    """[retrain] replaces the trial's epochs, patience and StepLR, and any other [train] key and the
+    augmentation it sets (it is not part of the study's identity, so the same study reads it); --param
+    retrain.KEY goes over it."""
     tmp, path, url = finished_study
     edited = tmp_path / "small.toml"  # the same study name: the file's stem
     edited.write_text(Path(path).read_text() + "\n[retrain]\nepochs = 3\npatience = 1\nstep_size = 2\ngamma = 0.5\n"
-                      "label_smoothing = 0.1\n")
+                      "label_smoothing = 0.1\naugment = 'flip-shift'\n")
     r = hpo_cli("retrain", edited, "--storage", url, "--device", "cpu", "--out", tmp_path / "runs", "--artifacts",
                 tmp / "art", "--param", "retrain.patience=0", "--param", "retrain.weight_decay=0.01", "--json")
     assert r.returncode == 0, r.stderr
@@ -181,6 +182,7 @@ def test_retrain_takes_its_budget_from_the_study_file_s_retrain_section(finished
     train = load_checkpoint(result["checkpoint"])["config"]["train"]
     assert (train["epochs"], train["patience"], train["step_size"], train["gamma"]) == (3, 0, 2, 0.5)
     assert (train["label_smoothing"], train["weight_decay"]) == (0.1, 0.01)
+    assert load_checkpoint(result["checkpoint"])["config"]["augment"] == "flip-shift"  # the trial's was "none"
     assert result["epochs_run"] == 3
     history = json.loads((Path(result["checkpoint"]).parent / "results.json").read_text())["history"]
     assert [round(e["lr"] / history[0]["lr"], 6) for e in history] == [1.0, 1.0, 0.5]  # StepLR(2, 0.5)
