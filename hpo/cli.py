@@ -63,6 +63,11 @@ def _positive(name: str, value: int | None) -> None:
         raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
+def _check_db_timeout(seconds: float) -> None:
+    if not 0 <= seconds < float("inf"):  # also NaN
+        raise UsageError(f"--db-timeout must be 0 (give up at once) or more seconds, got {seconds}")
+
+
 def _options(args: argparse.Namespace):
     from hpo.worker import Options
 
@@ -72,8 +77,7 @@ def _options(args: argparse.Namespace):
         _positive(flag, getattr(args, flag[2:].replace("-", "_")))
     if (args.population or 0) < 0:
         raise UsageError(f"--population must be 0 (automatic) or a number of trials, got {args.population}")
-    if not 0 <= args.db_timeout < float("inf"):  # also NaN
-        raise UsageError(f"--db-timeout must be 0 (give up at once) or more seconds, got {args.db_timeout}")
+    _check_db_timeout(args.db_timeout)
     if args.grace <= args.heartbeat:
         raise UsageError(f"--grace ({args.grace}s) must be longer than --heartbeat ({args.heartbeat}s)")
     if not args.checkpoint_every >= 0:  # also NaN
@@ -183,6 +187,21 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from hpo.proxy import ProxyOptions, serve
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be a TCP port, 1 to 65535, got {args.port}")
+    if args.storage.startswith("grpc:"):
+        raise UsageError(f"--storage {args.storage}: the proxy needs the database's own URL (e.g. "
+                         "postgresql+psycopg://user@host/db), not another proxy's")
+    _positive("--grace", args.grace)
+    _check_db_timeout(args.db_timeout)
+    serve(ProxyOptions(storage=args.storage, host=args.host, port=args.port, grace=args.grace,
+                       db_timeout=args.db_timeout))
+    return 0
+
+
 def _retrain_flags(args: argparse.Namespace) -> dict[str, Any]:
     """``--epochs`` and ``--top`` as the [retrain] keys they override."""
     flags = {"retrain.epochs": getattr(args, "epochs", None), "retrain.top": args.top}
@@ -251,7 +270,8 @@ def parser() -> argparse.ArgumentParser:
 
     storage = argparse.ArgumentParser(add_help=False)
     storage.add_argument("--storage", default=os.environ.get("HPO_STORAGE", DEFAULT_STORAGE),
-                         help=f"database URL (default: $HPO_STORAGE or {DEFAULT_STORAGE})")
+                         help=f"database URL, or grpc://HOST:PORT of `hpo proxy` "
+                              f"(default: $HPO_STORAGE or {DEFAULT_STORAGE})")
     artifacts = argparse.ArgumentParser(add_help=False)
     artifacts.add_argument("--artifacts", default=os.environ.get("HPO_ARTIFACTS", "hpo-artifacts"),
                            help="artifact store folder for checkpoints; shared storage when workers span machines")
@@ -309,6 +329,17 @@ def parser() -> argparse.ArgumentParser:
     dash.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     dash.add_argument("--port", type=int, default=8080)
     dash.set_defaults(func=cmd_dashboard)
+
+    proxy = sub.add_parser("proxy", parents=[storage], help="Optuna's gRPC storage proxy in front of the database, "
+                           "keeping the queue; workers by the hundred then use --storage grpc://HOST:PORT")
+    proxy.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only; "
+                                                          "0.0.0.0 for workers on other machines)")
+    proxy.add_argument("--port", type=int, default=13000, help="port to listen on (default: 13000)")
+    proxy.add_argument("--grace", type=int, default=GRACE_PERIOD, help="seconds without a heartbeat before a "
+                       "worker's trial counts as dead and is retried (the workers' --grace does not apply)")
+    proxy.add_argument("--db-timeout", type=float, default=DB_TIMEOUT,
+                       help="seconds a call waits for a lost database before it fails")
+    proxy.set_defaults(func=cmd_proxy)
 
     retrain = sub.add_parser("retrain", parents=[reader, options, storage, artifacts],
                              help="the best trial's setting on the full split, evaluated on test; the study's "

@@ -60,7 +60,10 @@ def _without_heartbeat(storage: optuna.storages.RDBStorage, trial_ids: list[int]
 
 
 def reap(handle: StudyHandle) -> None:
-    """Fail, and queue again, the RUNNING trials that nobody runs: heartbeats gone silent, or never sent."""
+    """Fail, and queue again, the RUNNING trials that nobody runs: heartbeats gone silent, or never sent.
+    Behind `hpo proxy`, the proxy does it."""
+    if not handle.storage.direct:
+        return
     fail_stale_trials(handle.study)
     storage, grace = handle.storage, handle.storage.grace_period
     now = datetime.datetime.now()  # Optuna stamps datetime_start with the local clock

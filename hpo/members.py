@@ -196,7 +196,6 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
             if time.perf_counter() - written >= opts.checkpoint_every:
                 for k, seat in seats.items():
                     _save(population, k, seat.run_dir)
-                    seat.trial.set_user_attr("history", seat.history)
                 written = time.perf_counter()
 
 

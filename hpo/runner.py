@@ -22,7 +22,7 @@ from hpo.config import ConfigError
 from hpo.files import WriteError
 from hpo.runs import RunSummary
 from hpo.storage import StorageError
-from hpo.study import StudyHandle, requeue
+from hpo.study import REQUEUE_ATTR, StudyHandle, requeue, set_user_attrs
 from hpo.train import Stop, TrainingDiverged
 
 
@@ -122,8 +122,9 @@ def tell(handle: StudyHandle, trial: optuna.trial.Trial, ended: Attempt) -> Outc
     error = ended.error
     if error is None:
         trial.set_user_attr("stop_reason", ended.outcome.value)
-    else:
-        trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+    else:  # marked for requeue first: whoever finds it failed and not yet queued again does it
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        set_user_attrs(trial, {"fail_reason": reason, **({REQUEUE_ATTR: True} if ended.outcome.requeued else {})})
     handle.study.tell(trial, ended.value, state=ended.outcome.state)
     if ended.outcome.requeued:
         requeue(handle.storage, handle.study, handle.storage.get_trial(trial._trial_id))

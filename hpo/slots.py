@@ -23,9 +23,10 @@ from hpo.files import store_artifact, writing
 from hpo.runner import say
 from hpo.runs import RunSummary, new_run_dir
 from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL
-from hpo.study import COUNTED, StudyHandle, pop_waiting, top_up
+from hpo.study import COUNTED, StudyHandle, pop_waiting, set_user_attrs, top_up
 
 IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
+PROXY_POLL = 0.5  # the same behind `hpo proxy`, which queues the next trials meanwhile (hpo.proxy.KEEP_EVERY)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Options:
     heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
     grace: int = GRACE_PERIOD  # a trial silent this long is failed and queued again
     db_timeout: float = DB_TIMEOUT  # a worker that cannot reach the database this long exits
-    # Seconds between a trial's checkpoint (and history) writes: a retried trial redoes at most
+    # Seconds between a trial's checkpoint writes: a retried trial redoes at most
     # this much. Writing every epoch costs more than a GPU epoch of the subset.
     checkpoint_every: float = CHECKPOINT_EVERY
     # Trials that may fail on their own (NaN loss, OOM, invalid parameters) before the study stops
@@ -53,7 +54,9 @@ class Options:
 @contextlib.contextmanager
 def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Iterable[int]]) -> Iterator[None]:
     """One thread beats for the trials ``trial_ids()`` names (a population's change as members
-    come and go) while the body runs; silence marks a trial's worker dead."""
+    come and go) while the body runs; silence marks a trial's worker dead. The first beat comes
+    one interval in: a trial that ends sooner needs none, since only a trial RUNNING for the
+    grace period (longer than the interval) without a beat counts as dead."""
     stop = threading.Event()
 
     def beat() -> None:
@@ -62,8 +65,6 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Itera
                 with contextlib.suppress(Exception):  # a missed beat is harmless; the next one retries
                     storage.record_heartbeat(trial_id)
 
-    for trial_id in trial_ids():
-        storage.record_heartbeat(trial_id)
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()
     try:
@@ -75,19 +76,19 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Itera
 
 def claim(trial: optuna.trial.Trial, device: str, out: str, name: str) -> Path:
     """Mark ``trial`` as this worker's (device, host, process) and give the attempt its run folder."""
-    trial.set_user_attr("device", device)
-    trial.set_user_attr("hostname", platform.node())
-    trial.set_user_attr("worker", f"{platform.node()}:{os.getpid()}")
-    return attempt_dir(trial, Path(out) / name, name)
+    run_dir = attempt_dir(trial, Path(out) / name, name)
+    set_user_attrs(trial, {"device": device, "hostname": platform.node(), "worker": f"{platform.node()}:{os.getpid()}",
+                           "run_dir": str(run_dir)})
+    return run_dir
 
 
 def record(trial: optuna.trial.Trial, summary: RunSummary, history: list[dict], artifacts: str) -> None:
-    """A finished run's numbers as the trial's attributes, its best checkpoint as the trial's artifact."""
+    """A finished run's numbers as the trial's attributes, written once (the history is O(epochs)),
+    its best checkpoint as the trial's artifact."""
     artifact = store_artifact(artifacts, summary.checkpoint, trial)
-    trial.set_user_attr("history", history)
-    for key in ("best_epoch", "epochs_run", "seconds", "resumed_from_epoch"):
-        trial.set_user_attr(key, getattr(summary, key))
-    trial.set_user_attr("checkpoint_artifact", artifact)
+    set_user_attrs(trial, {"history": history, "checkpoint_artifact": artifact,
+                           **{k: getattr(summary, k) for k in ("best_epoch", "epochs_run", "seconds",
+                                                               "resumed_from_epoch")}})
 
 
 def prune(trial: optuna.trial.Trial, epoch: int, epochs: int) -> bool:
@@ -107,7 +108,6 @@ def attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
         if previous != run_dir and (previous / file).is_file():
             with writing(run_dir / file):
                 shutil.copyfile(previous / file, run_dir / file)
-    trial.set_user_attr("run_dir", str(run_dir))
     return run_dir
 
 
@@ -123,6 +123,7 @@ def take(handle: StudyHandle, idle: Idle, wait: bool = True) -> optuna.trial.Tri
     """The next queued trial, now RUNNING here; None once the study holds N finished trials (or, with
     ``wait`` False, when nothing is queued now). Meanwhile it fills gaps that failed trials left,
     and fails and queues again the trials that nobody runs any more."""
+    direct = handle.storage.direct  # behind `hpo proxy`, the proxy fills gaps and reaps (hpo.remote)
     while True:
         popped = pop_waiting(handle)
         if popped is not None:
@@ -130,16 +131,17 @@ def take(handle: StudyHandle, idle: Idle, wait: bool = True) -> optuna.trial.Tri
         if top_up(handle):  # a failed trial left a gap
             continue
         running = [t.number for t in handle.trials((TrialState.RUNNING,))]
-        if not wait or len(handle.trials(COUNTED)) >= handle.target or not running:
+        if not wait or len(handle.trials(COUNTED)) >= handle.target or (direct and not running):
             return None
         if running != idle.waited_for:  # say it once, not every poll
             say(f"waiting for trial(s) {', '.join(map(str, running))}, RUNNING elsewhere; a trial without a "
-                f"heartbeat for {handle.storage.grace_period}s is failed and queued again")
+                f"heartbeat for {handle.storage.grace_period}s is failed and queued again" if running else
+                f"waiting for the storage proxy at {handle.storage.url} to queue the study's next trials")
             idle.waited_for = running
         # Trials that nobody runs any more come back queued. They count as such only after the
         # grace period, so looking once a heartbeat interval is enough.
-        if time.monotonic() - idle.reaped >= handle.storage.get_heartbeat_interval():
+        if direct and time.monotonic() - idle.reaped >= handle.storage.get_heartbeat_interval():
             reap(handle)
             idle.reaped = time.monotonic()
             continue
-        time.sleep(IDLE_POLL)
+        time.sleep(IDLE_POLL if direct else PROXY_POLL)

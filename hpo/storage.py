@@ -15,11 +15,16 @@ import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy
 from sqlalchemy import event
+
+from hpo.owned import RDBShortcuts
+
+if TYPE_CHECKING:
+    from hpo.remote import GrpcStorage
 
 DEFAULT_STORAGE = "sqlite:///hpo.db"  # an embedded file in the working directory
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
@@ -30,6 +35,9 @@ CONNECT_TIMEOUT = 10  # seconds to reach a database server before a connection a
 
 DB_TIMEOUT = 300  # seconds a worker keeps retrying a lost database before it gives up
 CHECKPOINT_EVERY = 10.0  # seconds between a trial's checkpoint writes; a retry redoes at most this
+# A trial system attribute that stands for a heartbeat where no heartbeat call exists (Optuna's gRPC
+# proxy, hpo.remote): the storage records a heartbeat instead of storing it.
+HEARTBEAT_KEY = "hpo:heartbeat"
 
 
 class StorageError(RuntimeError):
@@ -65,6 +73,14 @@ def _transient(error: BaseException, backend: str) -> bool:
     return False
 
 
+def _unwrapped(error: BaseException) -> BaseException:
+    """What SQLAlchemy raised, where Optuna wrapped it in a StorageInternalError of its own words
+    ("An exception is raised during the commit...")."""
+    if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__:
+        return error.__cause__
+    return error
+
+
 def _reason(error: BaseException, url: str) -> str:
     """The database's (or its driver's) own first line, without the password."""
     lines = str(getattr(error, "orig", None) or error).strip().splitlines()
@@ -80,8 +96,7 @@ def retry_lost_connection(fn: Callable, url: str, timeout: float):
         try:
             return fn()
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            # Optuna wraps what SQLAlchemy raised in a StorageInternalError of its own words
-            error = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
+            error = _unwrapped(e)
             if not _transient(error, sqlalchemy.engine.make_url(url).get_backend_name()):
                 raise DatabaseError(f"the database at {mask(url)} failed: {_reason(error, url)}") from e
             if time.monotonic() + pause > deadline:
@@ -97,17 +112,12 @@ _writing = threading.local()  # .on: this thread is inside a storage method that
 def _retrying(method: Callable, writes: bool) -> Callable:
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        outer = getattr(_writing, "on", False)
-        _writing.on = outer or writes  # a read inside a write stays in the write's transaction kind
-        try:
-            return retry_lost_connection(lambda: method(self, *args, **kwargs), self.url, self.db_timeout)
-        finally:
-            _writing.on = outer
+        return self._retried(lambda: method(self, *args, **kwargs), writes)
 
     return call
 
 
-class ResilientRDBStorage(optuna.storages.RDBStorage):
+class _RetryingRDBStorage(optuna.storages.RDBStorage):
     """RDBStorage whose calls ride out a restarted or unreachable database: each retries with
     backoff for up to ``db_timeout`` seconds, then raises StorageUnavailable. (A write whose
     commit went through just before the connection broke may be applied twice; Optuna's own
@@ -115,10 +125,13 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
 
     db_timeout: float = 0.0  # no retries while opening: a wrong URL must fail at once
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if self.engine.dialect.name == "sqlite":  # the engine is a new one, without our listeners
-            _serialize_sqlite_writes(self.engine)
+    def _retried(self, fn: Callable[[], Any], writes: bool) -> Any:
+        outer = getattr(_writing, "on", False)
+        _writing.on = outer or writes  # a read inside a write stays in the write's transaction kind
+        try:
+            return retry_lost_connection(fn, self.url, self.db_timeout)
+        finally:
+            _writing.on = outer
 
 
 _READS = ("get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
@@ -131,7 +144,24 @@ _WRITES = ("create_new_study", "delete_study", "set_study_user_attr", "set_study
            "set_trial_system_attr", "record_heartbeat",
            "_create_new_trial", "_set_trial_param")  # the cache's; study.add_trial goes through the first
 for _name in _READS + _WRITES:
-    setattr(ResilientRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name), _name in _WRITES))
+    setattr(_RetryingRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name), _name in _WRITES))
+
+
+class ResilientRDBStorage(RDBShortcuts, _RetryingRDBStorage):
+    """hpo's RDBStorage: Optuna's, retried while the database is out of reach (above), with a
+    worker's hot path cut to the round trips it needs (hpo.owned)."""
+
+    direct = True  # holds the database itself: may take the study lock and keep the queue
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if key == HEARTBEAT_KEY:  # a worker behind `hpo proxy`, beating
+            return self.record_heartbeat(trial_id)
+        super().set_trial_system_attr(trial_id, key, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.engine.dialect.name == "sqlite":  # the engine is a new one, without our listeners
+            _serialize_sqlite_writes(self.engine)
 
 
 def mask(url: str) -> str:
@@ -164,13 +194,18 @@ def _serialize_sqlite_writes(engine: sqlalchemy.Engine) -> None:
 
 
 def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: int = HEARTBEAT_INTERVAL,
-                 grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> ResilientRDBStorage:
-    """An RDBStorage with heartbeats on; ``stale_callback(study, trial)`` sees trials of dead workers."""
+                 grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> ResilientRDBStorage | GrpcStorage:
+    """An RDBStorage with heartbeats on; ``stale_callback(study, trial)`` sees trials of dead workers.
+    A ``grpc://host:port`` URL gives a client of `hpo proxy` instead (hpo.remote)."""
     for name, value in (("heartbeat", heartbeat), ("grace", grace)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer (seconds), got {value!r}")
     if not isinstance(db_timeout, (int, float)) or not 0 <= db_timeout < math.inf:  # NaN fails too
         raise ValueError(f"db_timeout must be a finite number of seconds, 0 or more, got {db_timeout!r}")
+    if url.startswith("grpc:"):
+        from hpo.remote import open_grpc  # it builds on this module
+
+        return open_grpc(url, heartbeat, grace, db_timeout)
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -190,8 +225,8 @@ def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: in
         missing = getattr(e.__cause__ or e, "name", None) or parsed.get_driver_name()
         raise StorageError(f"--storage {mask(url)}: the database driver is not installed ({missing}); "
                            "pip install it, e.g. psycopg[binary] for postgresql+psycopg://") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError) as e:
-        raise StorageError(f"--storage {mask(url)}: cannot open the database: {_reason(e, url)}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ValueError, OSError) as e:
+        raise StorageError(f"--storage {mask(url)}: cannot open the database: {_reason(_unwrapped(e), url)}") from None
     if sqlite:
         _serialize_sqlite_writes(storage.engine)
     storage.db_timeout = db_timeout  # set after opening: a bad URL must fail at once, not retry
@@ -213,7 +248,11 @@ def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
 @contextlib.contextmanager
 def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
     """Mutual exclusion across processes and machines for one study's queue: an advisory lock
-    on PostgreSQL and MySQL, a file lock beside a SQLite database."""
+    on PostgreSQL and MySQL, a file lock beside a SQLite database. Behind `hpo proxy` there is no
+    database session to hold one: the proxy alone changes the queue (hpo.remote)."""
+    if not storage.direct:
+        yield
+        return
     with _cross_process_lock(storage.url, storage.engine, study_name, storage.db_timeout):
         yield
 

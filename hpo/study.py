@@ -42,14 +42,16 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what "N finished trials" c
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)  # what a top-up fills up to N
 TARGET_ATTR, CONFIG_ATTR, HASH_ATTR, DRAW_ATTR = "hpo:n_trials", "hpo:config", "hpo:config_hash", "hpo:draw"
 RETRY_ATTR = "retry_of"  # on a slot queued again: the number of the attempt it takes over from
+REQUEUE_ATTR = "requeue"  # on a failed attempt whose slot is to be queued again (not the trial's fault)
 METRIC = "val_acc"  # what the study maximizes; its name is stored so that dashboards label their axes
 # What makes a study what it is: a config that differs in any of these would mix results.
 # The data path is left out: workers on other machines keep the same images elsewhere.
 IDENTITY = ("data", "model", "train", "augment", "search", "study.sampler", "study.seed", "study.pruner")
 POP_SPREAD = 8  # how many of the first WAITING trials a worker picks among
-# WAITING slots queued ahead at most. Every pop re-reads all unfinished trials (Optuna's trial
-# cache), so queueing all N up front made each pop cost O(N); workers top up as they drain it.
-QUEUE_AHEAD = 2 * POP_SPREAD
+# WAITING slots queued ahead: at least this many, or as many as trials RUNNING (as many workers).
+# Optuna's trial cache re-reads every unfinished trial at each listing (the pruner's, TPE's), so
+# queueing all N up front would make those O(N); workers (or the proxy) top up as they drain it.
+QUEUE_AHEAD = 4 * POP_SPREAD
 
 
 class StudyError(RuntimeError):
@@ -111,14 +113,30 @@ class StudyHandle:
 def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     """Queue a failed attempt's slot again with the same parameters, within the N cap (a dead worker's
     trial, an interrupted one). Its user attributes travel along, so the retry finds the attempt's
-    run folder and resumes from its last checkpoint."""
+    run folder and resumes from its last checkpoint. Behind `hpo proxy`, the proxy does it (the
+    trial is marked REQUEUE_ATTR): False here."""
+    if not storage.direct:
+        return False
     with study_lock(storage, study.study_name):
         live = len(study.get_trials(deepcopy=False, states=LIVE))
         if live >= int(study.user_attrs.get(TARGET_ATTR, 0)):
             return False
-        attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"} | {RETRY_ATTR: trial.number}
-        _queue(study, trial.params, trial.distributions, attrs, trial.intermediate_values)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", REQUEUE_ATTR)}
+        _queue(study, trial.params, trial.distributions, attrs | {RETRY_ATTR: trial.number}, trial.intermediate_values)
         return True
+
+
+def marked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The failed attempts marked REQUEUE_ATTR whose slot no retry took over yet (a worker behind
+    `hpo proxy` cannot queue it, or one died between telling and queueing)."""
+    taken = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    return [t for t in trials
+            if t.state == TrialState.FAIL and t.user_attrs.get(REQUEUE_ATTR) and t.number not in taken]
+
+
+def requeue_marked(handle: StudyHandle) -> int:
+    """Queue again the slots of the marked attempts (above); how many."""
+    return sum(requeue(handle.storage, handle.study, t) for t in marked(handle.trials()))
 
 
 def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDistribution],
@@ -188,7 +206,9 @@ def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int 
             if not create:
                 raise StudyError(f"no study {name!r} in {mask(storage_url)}; start it with `hpo run` first") from None
             study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                        sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+                                        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+            # load_if_exists: behind `hpo proxy` (no lock) two runs started at the same instant may
+            # both get here; create the study once, then start the workers (README).
             study.set_user_attr(HASH_ATTR, cfg.fingerprint(*IDENTITY))
             study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
         _refuse_foreign(study, cfg)
@@ -233,41 +253,57 @@ def set_target(handle: StudyHandle, n_trials: int) -> None:
     handle.study.set_user_attr(TARGET_ATTR, n_trials)
 
 
+def _room(trials: list[optuna.trial.FrozenTrial], target: int) -> int:
+    """How many slots a top-up queues: up to N live trials, and QUEUE_AHEAD or more waiting (above)."""
+    missing = target - sum(t.state in LIVE for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    ahead = max(QUEUE_AHEAD, running) - sum(t.state == TrialState.WAITING for t in trials)
+    return max(min(missing, ahead), 0)
+
+
 def top_up(handle: StudyHandle) -> int:
-    """Queue WAITING slots, at most QUEUE_AHEAD, while the study holds fewer than N live trials;
-    returns how many were queued."""
+    """Queue WAITING slots, QUEUE_AHEAD or more (above), while the study holds fewer than N live trials;
+    returns how many were queued. Behind `hpo proxy`, the proxy does it: 0 here."""
+    if not handle.storage.direct or not _room(handle.trials(), handle.target):  # no lock to find nothing to do
+        return 0
     with study_lock(handle.storage, handle.cfg.study.name):
         trials = handle.trials()
-        missing = handle.target - sum(t.state in LIVE for t in trials)
-        room = QUEUE_AHEAD - sum(t.state == TrialState.WAITING for t in trials)
         drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
-        queued, dists = 0, distributions(handle.cfg)
-        for index in range(drawn, drawn + max(min(missing, room), 0)):
+        slots = []
+        for index in range(drawn, drawn + _room(trials, handle.target)):
             params = draw(handle.cfg, index)
             if params is None:  # the grid is used up
                 break
-            _queue(handle.study, params, dists, {DRAW_ATTR: index})
-            queued += 1
-        return queued
+            slots.append((params, {DRAW_ATTR: index}))
+        if slots:
+            handle.storage.create_waiting_trials(handle.study._study_id, slots, distributions(handle.cfg))
+        return len(slots)
 
 
 def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:
     """Take one WAITING trial, atomically (the storage flips WAITING to RUNNING under a row lock)."""
-    storage = handle.storage
-    # Listed through the study, so that its trial cache learns trials queued by other processes.
+    storage, study_id, tried = handle.storage, handle.study._study_id, set()
     # The first in line first: one worker runs the queue in order, so a seeded TPE study replays.
-    # A worker that loses it to another tries the next few in a random order, rather than race again.
-    waiting = handle.trials((TrialState.WAITING,))
-    spread = waiting[1:POP_SPREAD]
-    random.shuffle(spread)
-    for trial in waiting[:1] + spread + waiting[POP_SPREAD:]:
-        trial_id = trial._trial_id  # Optuna's own key of a listed trial; asking the storage is a round trip
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.trial.Trial(handle.study, trial_id), trial_id
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker took and finished it
+    # A worker that loses it to another tries the others in a random order, rather than race again;
+    # once the storage offers none it has not tried, the queue is empty (for now).
+    while waiting := [i for i in storage.waiting_trial_ids(study_id, POP_SPREAD) if i not in tried]:
+        spread = waiting[1:]
+        random.shuffle(spread)
+        for trial_id in waiting[:1] + spread:
+            tried.add(trial_id)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return optuna.trial.Trial(handle.study, trial_id), trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker took and finished it
     return None
+
+
+def set_user_attrs(trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
+    """Several user attributes of ``trial`` in one round trip (``trial.set_user_attr`` commits each alone)."""
+    storage = getattr(trial.storage, "_backend", trial.storage)  # hpo's storage, under Optuna's trial cache
+    storage.set_trial_user_attrs(trial._trial_id, attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # as trial.set_user_attr keeps it
 
 
 def best_trials(handle: StudyHandle, k: int = 1) -> list[optuna.trial.FrozenTrial]:

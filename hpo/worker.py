@@ -45,15 +45,10 @@ class Objective:
         opts = self.opts
         run_dir = claim(trial, str(self.device), opts.out, self.handle.cfg.study.name)
         history = resume_history(run_dir)
-        written = time.perf_counter()
 
         def on_epoch(stats) -> bool:
-            nonlocal written
             history.append(dataclasses.asdict(stats))
-            trial.report(stats.val_acc, stats.epoch)  # every epoch: the pruner compares these
-            if time.perf_counter() - written >= opts.checkpoint_every:  # the dashboard's live curves
-                trial.set_user_attr("history", history)
-                written = time.perf_counter()
+            trial.report(stats.val_acc, stats.epoch)  # every epoch: the pruner and the dashboard's live curve
             return prune(trial, stats.epoch, cfg.train.epochs)
 
         cfg = self.handle.cfg.with_params(suggest(trial, self.handle.cfg))

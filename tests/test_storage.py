@@ -38,9 +38,9 @@ def start_run(study_file, url: str, tmp_path, *extra) -> subprocess.Popen:
 
 def wait_for_epochs(proc: subprocess.Popen, url: str, epochs: int) -> None:
     """Until some trial of the study has ``epochs`` epochs behind it (read past the proxy) while the run goes
-    on; the history is written every epoch (``--checkpoint-every 0``), so this is mid-trial, not at a trial's
-    end. Fails, with what it saw and the run's stderr, if the run ends or 120 s pass first: a cut after that
-    would test nothing."""
+    on; each epoch's value is reported as it ends, so this is mid-trial, not at a trial's end. Fails, with
+    what it saw and the run's stderr, if the run ends or 120 s pass first: a cut after that would test
+    nothing."""
     deadline, seen = time.time() + 120, "no study yet"
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
@@ -48,7 +48,7 @@ def wait_for_epochs(proc: subprocess.Popen, url: str, epochs: int) -> None:
             trials = optuna.load_study(study_name="small", storage=url).trials
         except KeyError:  # no study yet
             continue
-        done = [len(t.user_attrs.get("history", [])) for t in trials]
+        done = [len(t.intermediate_values) for t in trials]
         seen = f"epochs per trial: {done}"
         if max(done, default=0) >= epochs and proc.poll() is None:
             return

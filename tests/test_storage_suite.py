@@ -11,6 +11,7 @@ MariaDB), each test given a fresh one by StorageSupplier, as Optuna's own storag
    the server's own (pg_advisory_lock, GET_LOCK), and a wait the server ends is an error, never the lock.
 5. Heartbeats: a trial silent past the grace period is failed and queued again, once, by the callback.
 6. Bad settings, pickling, and processes opening one new database at the same instant.
+7. A worker's hot path: the trials it takes, kept in memory, read as the database holds them.
 
 Processes are forked: they start at once with hpo imported, where a new interpreter takes seconds.
 """
@@ -239,7 +240,7 @@ def test_every_call_that_reaches_the_database_is_wrapped_once_as_a_read_or_a_wri
     (Which list it is on decides SQLite's BEGIN: test_every_optuna_write_takes_the_lock_up_front...)"""
     public = {name for cls in (optuna.storages.BaseStorage, optuna.storages.RDBStorage)
               for name, attr in vars(cls).items() if callable(attr) and not name.startswith("_")}
-    wrapped = {name for name, attr in vars(hs.ResilientRDBStorage).items() if hasattr(attr, "__wrapped__")}
+    wrapped = {name for name, attr in vars(hs._RetryingRDBStorage).items() if hasattr(attr, "__wrapped__")}
     assert public - wrapped == NOT_WRAPPED
     assert wrapped == set(hs._READS + hs._WRITES) and len(wrapped) == len(hs._READS) + len(hs._WRITES)
 
@@ -589,3 +590,36 @@ def test_processes_opening_a_new_database_at_once_all_succeed(kind, tmp_path):
             pass
         assert errors == [None] * 6
         assert optuna.get_all_study_names(url) == ["s"]
+
+
+# 7. A worker's hot path (hpo/owned.py): the queue filled and read in a few statements, the trials a
+# worker takes kept in memory as it writes them, and what it keeps is what the database holds.
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask without optimize, on purpose
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_taken_trial_kept_in_memory_reads_as_the_database_holds_it(kind, tmp_path):
+    x = FloatDistribution(0, 1)
+    with StorageSupplier(kind, tmp_path) as storage:
+        study_id = storage.create_new_study(MAXIMIZE, "s")
+        optuna.create_study(storage=storage, study_name="t").ask()  # another study's trial: not numbered with these
+        storage.create_waiting_trials(study_id, [({"x": 0.25}, {"draw": 0}), ({"x": 0.5}, {"draw": 1})], {"x": x})
+        other = hs.open_storage(storage.url)  # another process's view: nothing kept in memory
+        try:
+            first, second = storage.waiting_trial_ids(study_id, 8)
+            assert [(t.number, t.params, t.user_attrs, t.state) for t in map(other.get_trial, (first, second))] == [
+                (0, {"x": 0.25}, {"draw": 0}, TrialState.WAITING), (1, {"x": 0.5}, {"draw": 1}, TrialState.WAITING)]
+            assert storage.set_trial_state_values(first, TrialState.RUNNING)
+            assert not other.set_trial_state_values(first, TrialState.RUNNING)  # taken once, whoever asks
+            assert storage.waiting_trial_ids(study_id, 8) == [second]
+            storage.set_trial_user_attrs(first, {"a": 1, "b": [2, 3]})
+            storage.set_trial_system_attr(first, "k", "v")
+            storage.set_trial_intermediate_value(first, 1, 0.5)
+            storage.set_trial_param(first, "y", 1.5, FloatDistribution(0, 2))
+            assert storage.get_trial(first) == other.get_trial(first)
+            storage.set_trial_state_values(first, TrialState.COMPLETE, [0.75])
+            assert storage.get_trial(first) == other.get_trial(first)  # its end as the database stamped it
+            assert other.set_trial_state_values(second, TrialState.RUNNING)  # taken elsewhere: nothing kept here
+            other.set_trial_user_attr(second, "c", 4)
+            assert storage.get_trial(second) == other.get_trial(second)
+        finally:
+            other.engine.dispose()

@@ -66,7 +66,7 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, stor
 def _running(url: str, epochs: int) -> list[optuna.trial.FrozenTrial]:
     try:
         return [t for t in optuna.load_study(study_name="small", storage=url).trials
-                if t.state == TrialState.RUNNING and len(t.user_attrs.get("history", [])) >= epochs]
+                if t.state == TrialState.RUNNING and len(t.intermediate_values) >= epochs]
     except KeyError:  # no study yet
         return []
 
