@@ -3,7 +3,8 @@
 The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
 ``runs`` records one training run and its checkpoints, ``config`` reads study files and ``space``
 their search space, ``samplers`` makes the sampler and pruner they name, ``storage`` opens the
-database, ``runner`` turns how a trial ended into the one state told, ``worker`` pops and runs
+database (``owned`` cuts a worker's round trips to it; ``remote`` reaches it through ``proxy``,
+`hpo proxy`), ``runner`` turns how a trial ended into the one state told, ``worker`` pops and runs
 trials one at a time and ``members`` many at once as one ``population`` (``slots`` holds what the
 two share), ``progress`` shows them, ``faults`` handles trials that nobody runs and studies whose
 trials keep failing, ``files`` writes files whole or not at all, ``report`` draws data and studies,
