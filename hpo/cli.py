@@ -192,9 +192,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be a TCP port, 1 to 65535, got {args.port}")
-    if args.storage.startswith("grpc:"):
-        raise UsageError(f"--storage {args.storage}: the proxy needs the database's own URL (e.g. "
-                         "postgresql+psycopg://user@host/db), not another proxy's")
     _positive("--grace", args.grace)
     _check_db_timeout(args.db_timeout)
     serve(ProxyOptions(storage=args.storage, host=args.host, port=args.port, grace=args.grace,

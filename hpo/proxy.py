@@ -39,7 +39,7 @@ from hpo.storage import (
     mask,
     open_storage,
 )
-from hpo.study import CONFIG_ATTR, COUNTED, TARGET_ATTR, StudyHandle, marked, requeue, requeue_marked, top_up
+from hpo.study import CONFIG_ATTR, COUNTED, TARGET_ATTR, StudyHandle, marked, requeue, top_up
 
 KEEP_EVERY = 0.5  # seconds between the keeper's passes over the studies
 QUEUE_HEAD = 256  # WAITING trial ids published to the workers (hpo.remote.QUEUE_KEY)
@@ -90,7 +90,7 @@ def _keep_one(handle: StudyHandle, reaping: bool) -> None:
         return
     if reaping:
         reap(handle)
-    changed = (bool(marked(trials)) and requeue_marked(handle)) + top_up(handle)
+    changed = sum(requeue(handle.storage, handle.study, t) for t in marked(trials)) + top_up(handle)
     head = [t._trial_id for t in (handle.trials() if changed else trials) if t.state == TrialState.WAITING]
     storage, study_id = handle.storage, handle.study._study_id
     if head[:QUEUE_HEAD] != storage.get_study_system_attrs(study_id).get(QUEUE_KEY):
@@ -99,11 +99,12 @@ def _keep_one(handle: StudyHandle, reaping: bool) -> None:
 
 def serve(opts: ProxyOptions, ready: Callable[[str], None] | None = None) -> None:
     """Serve until interrupted; ``ready(url)`` once clients can connect."""
+    if opts.storage.startswith("grpc:"):
+        raise StorageError(f"--storage {opts.storage}: the proxy needs the database's own URL (e.g. "
+                           "postgresql+psycopg://user@host/db), not another proxy's")
     holder: list[ResilientRDBStorage] = []
     beat = max(1, min(HEARTBEAT_INTERVAL, opts.grace - 1))  # the workers beat at their own interval; unused here
     storage = open_storage(opts.storage, lambda s, t: requeue(holder[0], s, t), beat, opts.grace, opts.db_timeout)
-    if not isinstance(storage, ResilientRDBStorage):
-        raise StorageError(f"--storage {opts.storage}: the proxy needs the database's own URL, not another proxy's")
     holder.append(storage)
     # Optuna's make_server, but with SO_REUSEPORT off (gRPC's default is on): a second proxy on the
     # same port must fail, not share the clients with the first.

@@ -134,11 +134,6 @@ def marked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTr
             if t.state == TrialState.FAIL and t.user_attrs.get(REQUEUE_ATTR) and t.number not in taken]
 
 
-def requeue_marked(handle: StudyHandle) -> int:
-    """Queue again the slots of the marked attempts (above); how many."""
-    return sum(requeue(handle.storage, handle.study, t) for t in marked(handle.trials()))
-
-
 def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDistribution],
            user_attrs: dict[str, Any], intermediate_values: dict[int, float] | None = None) -> None:
     """Add a WAITING trial whose parameters are already stored: one transaction, and the worker's
