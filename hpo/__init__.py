@@ -24,6 +24,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
+from hpo.checkpoints import Checkpoints, load_checkpoint
 from hpo.checks import CheckReport, GateFailed, gate, run_checks
 from hpo.config import ConfigError, StudyConfig, load_study
 from hpo.data import (
@@ -43,7 +44,7 @@ from hpo.pipeline import PipelineResult, pipeline
 from hpo.report import explore, study_report
 from hpo.retrain import RetrainResult, retrain
 from hpo.runner import Attempt, Outcome
-from hpo.runs import Checkpoints, RunSummary, load_checkpoint, train_run
+from hpo.runs import RunSummary, train_run
 from hpo.slots import Options
 from hpo.space import Categorical, Distribution, Range
 from hpo.storage import DEFAULT_STORAGE

@@ -11,6 +11,7 @@ from typing import Any
 
 from hpo.config import StudyConfig, apply_overrides, load_study, parse_override, validate
 from hpo.exits import EXIT_CHECKS_FAILED, UsageError, run_command
+from hpo.files import folder_name
 from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL
 
 
@@ -237,7 +238,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     _positive("--workers", args.workers)
     opts = _options(args)
     cfg = _config(args, _retrain_flags(args))
-    result = pipeline(cfg, opts, Path(args.out) / cfg.study.name, args.n_trials, args.workers, quiet=args.quiet)
+    out = Path(args.out) / folder_name(cfg.study.name)
+    result = pipeline(cfg, opts, out, args.n_trials, args.workers, quiet=args.quiet)
     print("\n".join(result.lines()))
     if args.json:
         print(json.dumps(result.to_dict()))

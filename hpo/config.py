@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from hpo import space
 from hpo.augment import check_augment
+from hpo.files import NAME_MAX, folder_name
 from hpo.space import Distribution
 
 
@@ -309,10 +310,10 @@ def validate(raw: dict[str, Any], source: Path) -> StudyConfig:
     if sections["study"].sampler == "grid":
         problems += [f"search.{k}: the grid sampler needs a list of choices or an integer range, got {d.to_dict()}"
                      for k, d in search.items() if d.grid_points() is None]
-    if problems:
-        raise ConfigError(problems)
     if not sections["study"].name:
         sections["study"] = dataclasses.replace(sections["study"], name=source.stem)
+    if problems:
+        raise ConfigError(problems)
     return StudyConfig(augment=augment, search=search, source=str(source), **sections)
 
 
@@ -327,4 +328,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: cannot read the study file: {e.strerror or e}"]) from None
-    return validate(apply_overrides(raw, overrides or {}), path)
+    raw = apply_overrides(raw, overrides or {})
+    cfg = validate(raw, path)
+    if folder_name(cfg.study.name) != cfg.study.name:  # it names folders: nothing may land outside --out
+        how = "" if raw.get("study", {}).get("name") else " (the study file's name); set [study] name"
+        raise ConfigError([f"study.name: must be at most {NAME_MAX} letters, digits, '.', '_' or '-', starting with "
+                           f"a letter or digit, got {cfg.study.name!r}{how}"])
+    return cfg

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from hpo.checkpoints import CheckpointError
 from hpo.checks import GateFailed
 from hpo.config import ConfigError
 from hpo.data import DataError
@@ -39,7 +40,7 @@ EXPECTED: tuple[tuple[tuple[type[BaseException], ...], int, str], ...] = (
     ((StorageUnavailable, DatabaseError), EXIT_STORAGE_LOST, ""),
     ((GateFailed,), EXIT_CHECKS_FAILED, ""),
     ((WriteError,), EXIT_CANNOT_WRITE, ""),
-    ((DataError, UsageError, StorageError, StudyError), EXIT_BAD_INPUT, ""),
+    ((DataError, CheckpointError, UsageError, StorageError, StudyError), EXIT_BAD_INPUT, ""),
     ((WorkersFailed, TooManyFailures), EXIT_FAILED, ""),
     ((TrainingDiverged,), EXIT_FAILED, "training diverged: "),
     ((torch.OutOfMemoryError,), EXIT_FAILED, "out of memory: "),

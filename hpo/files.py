@@ -4,8 +4,10 @@ or a read-only folder is one error that names the file (``WriteError``) rather t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import string
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,30 @@ if TYPE_CHECKING:
 
 class WriteError(RuntimeError):
     """A file or folder could not be written; the message names it and says why."""
+
+
+NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
+NAME_MAX = 100  # characters; a run folder adds a date, a trial number and a tag to it
+
+
+def folder_name(name: str) -> str:
+    """``name`` as one safe path component: unchanged when it is one (a letter or digit first, then
+    letters, digits, ``.``, ``_``, ``-``), else its other characters as ``_`` and a hash of it
+    appended, so that two names never share a folder."""
+    if name and len(name) <= NAME_MAX and name[0].isalnum() and set(name) <= NAME_CHARS:
+        return name
+    kept = "".join(c if c in NAME_CHARS else "_" for c in name[:NAME_MAX]).lstrip("._-") or "study"
+    return f"{kept}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def inside(root: Path, name: str) -> Path:
+    """``root / name``, refused unless it stays under ``root`` (a last guard: names go through
+    :func:`folder_name` first)."""
+    path = root / name
+    if os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root) \
+            or Path(name).name != name:
+        raise WriteError(f"{name!r} would write outside {root}")
+    return path
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import torch
 from optuna.trial import TrialState
 
 from hpo.augment import make_augment
+from hpo.checkpoints import read_resumable, save_checkpoint
 from hpo.config import ConfigError, StudyConfig
 from hpo.data import ImageData, training_splits
 from hpo.faults import check_failure_budget
@@ -28,7 +29,7 @@ from hpo.files import write_json
 from hpo.models import build_model
 from hpo.population import Member, Population
 from hpo.runner import Attempt, Outcome, say_dropped, tell
-from hpo.runs import RunSummary, load_checkpoint, new_run_dir, run_record, save_checkpoint, write_results
+from hpo.runs import RunSummary, new_run_dir, run_record, write_results
 from hpo.slots import Idle, Options, claim, heartbeat, prune, record, take
 from hpo.storage import StorageError
 from hpo.study import StudyError, StudyHandle, suggest
@@ -176,9 +177,8 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
                     population = Population(seat.cfg.model, seat.cfg.train.optimizer, [member] * opts.population,
                                             splits, len(data.classes))
                     population.vacate(range(opts.population))
-                last = seat.run_dir / "last.pt"  # a retry goes on from the attempt it takes over from
-                saved = (load_checkpoint(last, device), load_checkpoint(seat.run_dir / "best.pt", device)) \
-                    if last.is_file() else (None, None)
+                # a retry goes on from its previous attempt
+                saved = read_resumable(seat.run_dir, device) or (None, None)
                 population.admit(k, member, *saved)
                 seat.history = [dataclasses.asdict(s) for s in population.slots[k].history]
                 seats[k] = seat

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpo.checkpoints import load_checkpoint, save_checkpoint
 from hpo.data import ImageData, load_data, to_device
 from hpo.files import store_artifact, write_json
 from hpo.members import shareable, train_together
 from hpo.models import build_model
-from hpo.runs import Result, load_checkpoint, save_checkpoint, train_run
+from hpo.runs import Result, train_run
 from hpo.study import StudyError, StudyHandle, best_trials
 from hpo.train import Stop, evaluate
 

@@ -6,7 +6,6 @@ policy that saves a run and lets a retried one go on from where it was cut.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import platform
 import subprocess
@@ -18,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from hpo.augment import make_augment
+from hpo.checkpoints import Checkpoints
 from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, training_splits
-from hpo.files import atomic_write, write_json, writing
+from hpo.files import folder_name, inside, write_json, writing
 from hpo.models import build_model
-from hpo.train import EpochStats, LoopState, Stop, fit
+from hpo.train import EpochStats, Stop, fit
 
 
 def git_revision() -> str:
@@ -45,8 +44,9 @@ def git_revision() -> str:
 
 
 def new_run_dir(out: Path, name: str) -> Path:
-    """A fresh directory per run, so parallel workers never share files."""
-    run_dir = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    """A fresh directory per run, so parallel workers never share files; inside ``out`` whatever
+    ``name`` holds (a study's name may come from a database any Optuna client writes to)."""
+    run_dir = inside(out, f"{folder_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     with writing(run_dir):
         run_dir.mkdir(parents=True)
     return run_dir
@@ -56,57 +56,6 @@ def run_record(cfg: StudyConfig, device: torch.device) -> dict[str, Any]:
     """What every run records beside its results."""
     return {"config": cfg.to_dict(), "seed": cfg.train.seed, "git_revision": git_revision(),
             "device": str(device), "hostname": platform.node(), "torch": torch.__version__}
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic. Serialized in memory first: torch's own file writer reports a full disk as a bare
-    RuntimeError, a plain write as the OSError that WriteError names."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-class Checkpoints:
-    """A run's files and when they are written: ``best.pt`` (the best epoch's weights, the recipe's
-    ``ckpt.pt``) and ``last.pt`` (everything to go on from, so that a retried trial does not start
-    from scratch). They are written after the last epoch and, before it, at most every ``every``
-    seconds (0: every epoch): a GPU epoch of the subset is shorter than writing them."""
-
-    def __init__(self, run_dir: Path, every: float = 0.0):
-        self.best, self.last, self.every = run_dir / "best.pt", run_dir / "last.pt", every
-        self.saved_at, self.best_saved = time.perf_counter(), 0  # best_saved: the epoch best.pt holds
-
-    def resume(self, model: nn.Module, state: LoopState) -> None:
-        """Go on from ``last.pt`` when the run folder has one, with the best weights of ``best.pt``."""
-        if not self.last.is_file():
-            return
-        device = next(model.parameters()).device
-        saved = load_checkpoint(self.last, device)
-        model.load_state_dict(saved.pop("model"))
-        state.load_state_dict(saved)
-        state.best_weights = load_checkpoint(self.best, device)["model"]
-        self.best_saved = state.best_epoch
-
-    def save(self, model: nn.Module, state: LoopState, final: bool) -> None:
-        """``best.pt`` if the best epoch changed, then ``last.pt``: it never runs ahead of ``best.pt``."""
-        if not final and time.perf_counter() - self.saved_at < self.every:
-            return
-        if state.best_epoch != self.best_saved:
-            save_checkpoint(self.best, {"model": state.best_weights, "epoch": state.best_epoch,
-                                        "val_acc": state.best_val_acc})
-            self.best_saved = state.best_epoch
-        save_checkpoint(self.last, {"model": model.state_dict(), **state.state_dict()})
-        self.saved_at = time.perf_counter()
-
-
-def resume_history(run_dir: Path) -> list[dict]:
-    """The epochs a run directory already holds (from its ``last.pt``), or []."""
-    last = run_dir / "last.pt"
-    return load_checkpoint(last)["history"] if last.is_file() else []
 
 
 class Result:

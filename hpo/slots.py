@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,8 +17,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from hpo.checkpoints import carry_over
 from hpo.faults import reap
-from hpo.files import store_artifact, writing
+from hpo.files import folder_name, store_artifact
 from hpo.runner import say
 from hpo.runs import RunSummary, new_run_dir
 from hpo.storage import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL
@@ -76,7 +76,7 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Itera
 
 def claim(trial: optuna.trial.Trial, device: str, out: str, name: str) -> Path:
     """Mark ``trial`` as this worker's (device, host, process) and give the attempt its run folder."""
-    run_dir = attempt_dir(trial, Path(out) / name, name)
+    run_dir = attempt_dir(trial, Path(out) / folder_name(name), name)
     set_user_attrs(trial, {"device": device, "hostname": platform.node(), "worker": f"{platform.node()}:{os.getpid()}",
                            "run_dir": str(run_dir)})
     return run_dir
@@ -103,11 +103,7 @@ def attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
     started can never write over the retry's files. A retry starts from the checkpoints of the
     attempt it takes over from (when this machine sees that folder: a shared filesystem)."""
     run_dir = new_run_dir(out, f"{name}-trial{trial.number}")
-    previous = Path(trial.user_attrs.get("run_dir") or run_dir)
-    for file in ("best.pt", "last.pt"):  # in this order: last.pt never runs ahead of best.pt
-        if previous != run_dir and (previous / file).is_file():
-            with writing(run_dir / file):
-                shutil.copyfile(previous / file, run_dir / file)
+    carry_over(Path(trial.user_attrs.get("run_dir") or run_dir), run_dir)
     return run_dir
 
 

@@ -17,6 +17,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from hpo.checkpoints import resume_history
 from hpo.checks import gate
 from hpo.config import StudyConfig
 from hpo.data import ImageData, load_data, make_splits, resolve_device
@@ -25,7 +26,7 @@ from hpo.faults import check_failure_budget
 from hpo.members import auto_population, check_population, work_population
 from hpo.progress import Progress
 from hpo.runner import Outcome, run_trial, say
-from hpo.runs import RunSummary, resume_history, train_run
+from hpo.runs import RunSummary, train_run
 from hpo.slots import Idle, Options, claim, heartbeat, prune, record, take
 from hpo.storage import mask
 from hpo.study import COUNTED, StudyHandle, check_target, open_study, set_target, suggest, top_up

@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from hpo.runs import load_checkpoint
+from hpo.checkpoints import load_checkpoint
 
 
 def hpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -91,3 +92,73 @@ def test_the_default_outputs_are_ignored_by_git(tmp_path):
                "report.html", "explore/explore.html"]
     r = subprocess.run(["git", "check-ignore", *outputs], cwd=repo, capture_output=True, text=True)
     assert r.stdout.split() == outputs
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["train", "check", "run", "worker", "pipeline", "explore"])
+@pytest.mark.parametrize("body, file_name, how", [
+    ('[study]\nname = "../../escaped"', "small", "got '../../escaped'"),
+    ('[study]\nname = "/etc/x"', "small", "got '/etc/x'"),
+    ('[study]\nname = ".hidden"', "small", "got '.hidden'"),
+    ('[study]\nname = "a\\\\b"', "small", "got 'a\\\\b'"),
+    (f'[study]\nname = "{"n" * 101}"', "small", "at most 100"),
+    ("", "two words", "got 'two words' (the study file's name); set [study] name"),
+])
+def test_a_study_name_that_could_leave_the_output_folder_is_refused_at_load(study_file, tmp_path, capsys, command,
+                                                                            body, file_name, how):
+    """In-process: the check is at load, before any file or database is opened."""
+    from hpo.cli import main
+
+    path = study_file(body, name=file_name)
+    deep = tmp_path / "a" / "b"
+    out = {"pipeline": []}.get(command, ["--out", deep / "runs"]) if command != "check" else []
+    storage = ["--storage", f"sqlite:///{deep / 'hpo.db'}"] if command in ("run", "worker", "pipeline") else []
+    device = [] if command == "explore" else ["--device", "cpu"]
+    code = main([command, str(path), *map(str, out), *storage, *device])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("hpo: study.name: must be") and how in err, err
+    assert _files(tmp_path) == {path}  # nothing written, inside --out or out of it
+
+
+def _escaped_study(tmp_path: Path) -> str:
+    """A finished hpo study whose name (and stored config's) another Optuna client set to ``../../escaped``."""
+    import optuna
+
+    from hpo.cli import main
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    body = '[study]\nn_trials = 1\n[train]\nepochs = 2\n'
+    path = tmp_path / "small.toml"
+    path.write_text(body + (Path(__file__).parent / "conftest.py").read_text().split('SMALL_DATA = """')[1]
+                    .split('"""')[0])
+    assert main(["run", str(path), "--storage", url, "--device", "cpu", "--skip-checks", "--quiet",
+                 "--out", str(tmp_path / "first"), "--artifacts", str(tmp_path / "art")]) == 0
+    engine = optuna.storages.RDBStorage(url).engine
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE studies SET study_name = '../../escaped'")
+    study = optuna.load_study(study_name="../../escaped", storage=url)
+    config = study.user_attrs["hpo:config"]
+    study.set_user_attr("hpo:config", {**config, "study": {**config["study"], "name": "../../escaped"}})
+    path.unlink()
+    return url
+
+
+@pytest.mark.parametrize("command", ["retrain", "report"])
+def test_a_study_name_read_from_the_database_becomes_a_safe_folder_name(tmp_path, capsys, command):
+    from hpo.cli import main
+
+    url = _escaped_study(tmp_path)
+    deep = tmp_path / "a" / "b"
+    before = _files(tmp_path)
+    out = deep / ("report.html" if command == "report" else "runs")
+    extra = ["--epochs", "1", "--device", "cpu", "--artifacts", str(tmp_path / "art")] if command == "retrain" else []
+    assert main([command, "--study", "../../escaped", "--storage", url, "--out", str(out), *extra]) == 0, \
+        capsys.readouterr().err
+    written = {p for p in _files(tmp_path) - before if not p.is_relative_to(tmp_path / "art")}
+    assert written and all(p.is_relative_to(out) for p in written), written
+    if command == "retrain":
+        (folder,) = {p.relative_to(out).parts[0] for p in written}
+        assert folder.startswith("escaped-") and "/" not in folder and not folder.startswith(".")

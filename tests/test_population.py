@@ -124,7 +124,7 @@ CUT = [TrainConfig(epochs=5, batch_size=32, step_size=2, gamma=0.5),
 @pytest.mark.parametrize("cfg", CUT, ids=["adam", "sgd"])
 def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, cfg):
     """Its checkpoint is a solo run's last.pt and best.pt: `hpo` resumes it wherever the retry runs."""
-    from hpo.runs import Checkpoints, save_checkpoint
+    from hpo.checkpoints import Checkpoints, save_checkpoint
 
     model = ModelConfig(batch_norm=True)
     neighbour = Member(dataclasses.replace(cfg, lr=cfg.lr / 2), make_augment("none"))
@@ -142,7 +142,7 @@ def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, 
 
 @pytest.mark.parametrize("cfg", CUT, ids=["adam", "sgd"])
 def test_a_solo_run_cut_short_goes_on_inside_a_population(splits, tmp_path, cfg):
-    from hpo.runs import Checkpoints, load_checkpoint
+    from hpo.checkpoints import Checkpoints, load_checkpoint
 
     model = ModelConfig(batch_norm=True)
     torch.manual_seed(cfg.seed)

@@ -15,8 +15,8 @@ import optuna
 import pytest
 from conftest import hpo_cli
 
+from hpo.checkpoints import load_checkpoint
 from hpo.data import synthetic
-from hpo.runs import load_checkpoint
 
 STUDY = """augment = "none"
 [study]

@@ -5,10 +5,10 @@ import torch
 from conftest import DEVICES, ON_CUDA
 
 from hpo.augment import make_augment
+from hpo.checkpoints import Checkpoints, load_checkpoint
 from hpo.config import DataConfig, ModelConfig, TrainConfig
 from hpo.data import normalize, resolve_device, synthetic, training_splits
 from hpo.models import build_model
-from hpo.runs import Checkpoints, load_checkpoint
 from hpo.train import Stop, TrainingDiverged, fit, make_optimizer
 
 CPU = torch.device("cpu")

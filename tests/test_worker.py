@@ -12,6 +12,8 @@ import pytest
 from conftest import FULL_DATA, first_checkpoint, hpo_cli
 from optuna.trial import TrialState
 
+from hpo.checkpoints import load_checkpoint
+
 # Trials of about 2 s (600 images, batch 16, 60 epochs); heartbeats every second, dead after 3.
 LONG = """augment = "none"
 [study]
@@ -32,14 +34,7 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, stor
     common = [str(path), "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", str(tmp_path / "r"),
               "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3", "--checkpoint-every", "0",
               "--population", str(population)]
-    victim = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *common], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _running(storage_url, 5):
-        assert time.time() < deadline and victim.poll() is None, victim.stderr.read()
-        time.sleep(0.2)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    _kill_mid_trial(common, storage_url)
     killed = [t.number for t in _running(storage_url, 0)]  # RUNNING until a worker finds them silent
     assert len(killed) == population
 
@@ -61,6 +56,18 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, stor
         assert [h["epoch"] for h in results["history"]] == list(range(1, 61))
     assert max(resumed) >= 5 and min(resumed) >= 1  # went on from the last epoch checkpoint, not from scratch
     print(f"killed trial(s) {killed} at epoch >= 5; the retries resumed from epochs {resumed}")
+
+
+def _kill_mid_trial(common: list[str], url: str) -> None:
+    """SIGKILL an `hpo run` once a trial of it has reported 5 epochs."""
+    victim = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *common], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _running(url, 5):
+        assert time.time() < deadline and victim.poll() is None, victim.stderr.read()
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
 
 
 def _running(url: str, epochs: int) -> list[optuna.trial.FrozenTrial]:
@@ -122,3 +129,26 @@ def test_sigint_to_the_parent_alone_stops_its_workers(study_file, tmp_path):
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) < 20  # the workers did not go on
     retried = {t.user_attrs.get("retry_of") for t in trials if t.state == TrialState.WAITING}
     assert {t.number for t in interrupted} <= retried
+
+
+def test_a_retry_whose_checkpoint_is_damaged_starts_from_scratch_and_the_study_finishes(study_file, tmp_path):
+    """A last.pt cut to 100 bytes (a worker that died mid-copy) is said in one line and never copied on."""
+    path = study_file(LONG.replace("n_trials = 2", "n_trials = 1"), data=FULL_DATA)
+    url = f"sqlite:///{tmp_path / 'damaged.db'}"
+    common = [str(path), "--storage", url, "--device", "cpu", "--skip-checks", "--out", str(tmp_path / "r"),
+              "--artifacts", str(tmp_path / "a"), "--heartbeat", "1", "--grace", "3", "--checkpoint-every", "0"]
+    _kill_mid_trial(common, url)
+    (killed,) = _running(url, 0)
+    last = Path(killed.user_attrs["run_dir"]) / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+
+    r = hpo_cli("run", *common)
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if "last.pt" in line] == [
+        f"hpo: {last}: not a readable checkpoint (File is not a zip file); starting from scratch"]
+    trials = optuna.load_study(study_name="small", storage=url).trials
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] == 0
+    assert [h["epoch"] for h in retry.user_attrs["history"]] == list(range(1, 61))
+    assert load_checkpoint(Path(retry.user_attrs["run_dir"]) / "last.pt")["history"][-1]["epoch"] == 60
+    assert not list(Path(retry.user_attrs["run_dir"]).glob(".*.tmp"))  # no half copy left behind
