@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import machine, write_results  # noqa: E402
 
 from hpo import build_model, fit, load_data, make_augment, recipe_pipeline, resolve_device  # noqa: E402
-from hpo.augment import recipe_on_device  # noqa: E402
-from hpo.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from hpo.data import TrainVal, make_splits, to_device  # noqa: E402
+from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
+from hpo.engine.augment import recipe_on_device
+from hpo.engine.data import TrainVal, make_splits, to_device
 
 
 def rate(fn, n_images: int, repeats: int = 3) -> float:

@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe_loop  # noqa: E402
 
 from hpo import build_model, fit, load_data, load_study, make_augment, recipe_pipeline, resolve_device  # noqa: E402
-from hpo.config import DataConfig, ModelConfig, TrainConfig, parse_override  # noqa: E402
-from hpo.data import TrainVal, make_splits, to_device  # noqa: E402
-from hpo.runs import git_revision  # noqa: E402
+from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
+from hpo.config.study_file import parse_override
+from hpo.engine.data import TrainVal, make_splits, to_device
+from hpo.engine.runs import git_revision
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "recipe-random-search.toml"
 SETTINGS = {  # name: (batch size, batch norm, augmentation)

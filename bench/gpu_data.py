@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hpo import load_data, make_splits
-from hpo.config import DataConfig
+from hpo.config.schema import DataConfig
 
 BATCHES = 5  # data_batch_1..5, as the format has
 

@@ -35,7 +35,8 @@ def worker(url: str, study_file: str, ready, go, results) -> None:
     """One worker: open the study, wait for the start, pop and tell trivial trials until it is done."""
     try:
         from hpo import load_study, open_study
-        from hpo.worker import suggest, work
+        from hpo.study.queue import suggest
+        from hpo.workers.worker import work
 
         handle = open_study(load_study(study_file), url, create=False)
 
@@ -88,7 +89,7 @@ def measure(admin: str, study_file: str, workers: int, trials: int, via_proxy: b
     from optuna.trial import TrialState
 
     from hpo import load_study, open_study
-    from hpo.study import set_target, top_up
+    from hpo.study.queue import set_target, top_up
 
     with fresh_postgres(admin) as url:
         handle = open_study(load_study(study_file), url, create=True)

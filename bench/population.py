@@ -30,10 +30,10 @@ sys.path.insert(0, str(HERE))
 from engine import add_common_args, machine, write_results  # noqa: E402
 
 from hpo import build_model, fit, load_data, load_study, make_augment, resolve_device  # noqa: E402
-from hpo.config import parse_override  # noqa: E402
-from hpo.data import training_splits  # noqa: E402
-from hpo.population import Member, fit_population  # noqa: E402
-from hpo.study import draw  # noqa: E402
+from hpo.config.study_file import parse_override  # noqa: E402
+from hpo.engine.data import training_splits  # noqa: E402
+from hpo.engine.population import Member, fit_population  # noqa: E402
+from hpo.study.queue import draw  # noqa: E402
 
 STUDY = HERE.parent / "studies" / "recipe-random-search.toml"
 

@@ -26,9 +26,9 @@ import recipe_loop  # noqa: E402
 from engine import add_common_args, machine, write_results  # noqa: E402
 
 from hpo import Options, load_data, load_study, open_study, recipe_pipeline, resolve_device, run_study  # noqa: E402
-from hpo.config import parse_override  # noqa: E402
-from hpo.data import make_splits  # noqa: E402
-from hpo.study import draw  # noqa: E402
+from hpo.config.study_file import parse_override  # noqa: E402
+from hpo.engine.data import make_splits  # noqa: E402
+from hpo.study.queue import draw  # noqa: E402
 
 STUDY = HERE.parent / "studies" / "recipe-random-search.toml"
 

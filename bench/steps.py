@@ -29,9 +29,9 @@ sys.path.insert(0, str(HERE))
 from engine import add_common_args, data_config, machine, write_results  # noqa: E402
 
 from hpo import build_model, load_data, make_augment, resolve_device  # noqa: E402
-from hpo.config import ModelConfig, TrainConfig  # noqa: E402
-from hpo.data import make_splits, to_device  # noqa: E402
-from hpo.train import TrainStep, make_optimizer  # noqa: E402
+from hpo.config.schema import ModelConfig, TrainConfig  # noqa: E402
+from hpo.engine.data import make_splits, to_device  # noqa: E402
+from hpo.engine.loop import TrainStep, make_optimizer  # noqa: E402
 
 TRACE_STEPS = 20
 

@@ -41,7 +41,8 @@ def worker(storage: str, study_file: str) -> None:
     from sqlalchemy import event
 
     from hpo import load_study, open_study
-    from hpo.worker import suggest, work
+    from hpo.study.queue import suggest
+    from hpo.workers.worker import work
 
     handle = open_study(load_study(study_file), storage, create=False)
     # Statements and commits sent: the round trips a trial costs, steady where timings on a shared
@@ -84,8 +85,9 @@ def population_worker(storage: str, study_file: str, population: str, out: str) 
     from sqlalchemy import engine, event
 
     from hpo import load_study
-    from hpo.storage import ResilientRDBStorage
-    from hpo.worker import Options, run_study
+    from hpo.storages.rdb import ResilientRDBStorage
+    from hpo.workers.slots import Options
+    from hpo.workers.worker import run_study
 
     spent, calls, sent = collections.Counter(), collections.Counter(), collections.Counter()
     for name in dir(ResilientRDBStorage):
@@ -153,7 +155,7 @@ def fresh_postgres(admin: str) -> Iterator[str]:
 
 def measure(storage: str, study_file: str, workers: int, trials: int) -> dict:
     from hpo import load_study, open_study
-    from hpo.study import set_target
+    from hpo.study.queue import set_target
 
     handle = open_study(load_study(study_file), storage, create=True)
     set_target(handle, trials)  # the workers queue every trial themselves: its cost is counted

@@ -27,7 +27,7 @@ from engine import add_common_args, machine, write_results  # noqa: E402
 from search import STUDY, hpo_study  # noqa: E402
 
 from hpo import load_study, resolve_device  # noqa: E402
-from hpo.config import parse_override  # noqa: E402
+from hpo.config.study_file import parse_override  # noqa: E402
 
 
 def main() -> None:

@@ -1,19 +1,25 @@
 """hpo: hyperparameter search on Optuna that follows the recipe for training neural networks.
 
-The modules follow the recipe's steps: data -> models -> augment -> train -> checks -> study;
-``runs`` records one training run and its checkpoints, ``config`` reads study files and ``space``
-their search space, ``samplers`` makes the sampler and pruner they name, ``storage`` opens the
-database (``owned`` cuts a worker's round trips to it; ``remote`` reaches it through ``proxy``,
-`hpo proxy`), ``runner`` turns how a trial ended into the one state told, ``worker`` pops and runs
-trials one at a time and ``members`` many at once as one ``population`` (``slots`` holds what the
-two share), ``progress`` shows them, ``faults`` handles trials that nobody runs and studies whose
-trials keep failing, ``files`` writes files whole or not at all, ``report`` draws data and studies,
-``retrain`` is the recipe's last step, ``pipeline`` runs all the steps in order, ``exits`` says how
-a command ends, ``cli`` is the ``hpo`` command.
+One subpackage per layer, each importing only those below it (pyproject's import-linter contract):
+
+- ``cli``: the ``hpo`` command, a thin shell over the library;
+- ``recipe``: the recipe's steps end to end: explore, retrain, report, pipeline;
+- ``workers``: processes that run trials: one at a time or as a population, how a trial's end
+  becomes its state, how a command ends, `hpo proxy`;
+- ``study`` (the queue of exactly N, a study's identity, reads, samplers, faults, progress) and
+  ``engine`` (data, augmentation, models, the loop, the population, runs, checkpoints, the gate's
+  checks; torch, no Optuna), which never import each other;
+- ``storages``: the database, retried, with locks; the worker's hot path; grpc://;
+- ``config``: the study file, its sections and its search space;
+- ``files``: files written whole or not at all, and safe folder names.
+
+The public API below is imported on first use (PEP 562, as Optuna does): `hpo --help` and
+`hpo best` load neither torch nor the engine.
 """
 
-# ruff: noqa: E402  (the environment must be set before torch, imported below, loads OpenMP)
+import importlib
 import os
+from typing import Any
 
 # OpenMP threads waiting for work spin for 1,000 rounds, not libgomp's 300,000, then sleep: spinning
 # threads of two processes on the same cores starve each other (a pair of `hpo train` on 2 cores: 68.5 s
@@ -23,42 +29,69 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-from hpo.augment import make_augment, recipe_on_device, recipe_pipeline
-from hpo.checkpoints import Checkpoints, load_checkpoint
-from hpo.checks import CheckReport, GateFailed, gate, run_checks
-from hpo.config import ConfigError, StudyConfig, load_study
-from hpo.data import (
-    DataError,
-    ImageData,
-    TrainVal,
-    load_data,
-    make_splits,
-    resolve_device,
-    synthetic,
-    training_splits,
-)
-from hpo.faults import TooManyFailures
-from hpo.files import WriteError
-from hpo.models import build_model
-from hpo.pipeline import PipelineResult, pipeline
-from hpo.report import explore, study_report
-from hpo.retrain import RetrainResult, retrain
-from hpo.runner import Attempt, Outcome
-from hpo.runs import RunSummary, train_run
-from hpo.slots import Options
-from hpo.space import Categorical, Distribution, Range
-from hpo.storage import DEFAULT_STORAGE
-from hpo.study import StudyError, best_trial, open_study, read_study
-from hpo.train import EpochLog, EpochStats, FitResult, LoopState, Stop, TrainingDiverged, fit
-from hpo.worker import join_study, run_study
+_API = {  # public name -> the module that defines it
+    "Attempt": "hpo.workers.runner",
+    "Categorical": "hpo.config.space",
+    "CheckReport": "hpo.engine.checks",
+    "Checkpoints": "hpo.engine.checkpoints",
+    "ConfigError": "hpo.config.schema",
+    "DEFAULT_STORAGE": "hpo.storages.retries",
+    "DataError": "hpo.engine.records",
+    "Distribution": "hpo.config.space",
+    "EpochLog": "hpo.engine.loop",
+    "EpochStats": "hpo.engine.records",
+    "FitResult": "hpo.engine.records",
+    "GateFailed": "hpo.engine.records",
+    "ImageData": "hpo.engine.data",
+    "LoopState": "hpo.engine.loop",
+    "Options": "hpo.workers.slots",
+    "Outcome": "hpo.workers.runner",
+    "PipelineResult": "hpo.recipe.pipeline",
+    "Range": "hpo.config.space",
+    "RetrainResult": "hpo.recipe.retrain",
+    "RunSummary": "hpo.engine.runs",
+    "Stop": "hpo.engine.records",
+    "StudyConfig": "hpo.config.study_file",
+    "StudyError": "hpo.study.handle",
+    "TooManyFailures": "hpo.study.faults",
+    "TrainVal": "hpo.engine.data",
+    "TrainingDiverged": "hpo.engine.records",
+    "WriteError": "hpo.files",
+    "best_trial": "hpo.study.reads",
+    "build_model": "hpo.engine.models",
+    "explore": "hpo.recipe.explore",
+    "fit": "hpo.engine.loop",
+    "gate": "hpo.engine.checks",
+    "join_study": "hpo.workers.worker",
+    "load_checkpoint": "hpo.engine.checkpoints",
+    "load_data": "hpo.engine.data",
+    "load_study": "hpo.config.study_file",
+    "make_augment": "hpo.engine.augment",
+    "make_splits": "hpo.engine.data",
+    "open_study": "hpo.study.identity",
+    "pipeline": "hpo.recipe.pipeline",
+    "read_study": "hpo.study.reads",
+    "recipe_on_device": "hpo.engine.augment",
+    "recipe_pipeline": "hpo.engine.augment",
+    "resolve_device": "hpo.engine.data",
+    "retrain": "hpo.recipe.retrain",
+    "run_checks": "hpo.engine.checks",
+    "run_study": "hpo.workers.worker",
+    "study_report": "hpo.recipe.report",
+    "synthetic": "hpo.engine.data",
+    "train_run": "hpo.engine.runs",
+    "training_splits": "hpo.engine.data",
+}
+__all__ = sorted(_API)
 
-__all__ = [
-    "DEFAULT_STORAGE", "Attempt", "Categorical", "EpochLog", "CheckReport", "Checkpoints", "ConfigError", "DataError",
-    "Distribution", "EpochStats", "FitResult", "GateFailed", "ImageData", "LoopState", "Options", "Outcome",
-    "PipelineResult", "Range",
-    "RetrainResult", "RunSummary", "Stop", "StudyConfig", "StudyError", "TooManyFailures", "TrainVal",
-    "TrainingDiverged", "WriteError", "best_trial", "build_model", "explore", "fit", "gate", "join_study",
-    "load_checkpoint", "load_data", "load_study", "make_augment", "make_splits", "open_study", "pipeline", "read_study",
-    "recipe_on_device", "recipe_pipeline", "resolve_device", "retrain", "run_checks", "run_study", "study_report",
-    "synthetic", "train_run", "training_splits",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'hpo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

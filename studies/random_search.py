@@ -17,5 +17,5 @@ args = ap.parse_args()
 cfg = hpo.load_study(Path(__file__).with_name("recipe-random-search.toml"), {"data.path": args.data})
 result = hpo.run_study(cfg, hpo.Options(storage=args.storage), n_trials=args.n_trials)
 best = hpo.best_trial(hpo.read_study(args.storage, cfg.study.name))
-print(f"{result['finished']} trials in {result['wall_seconds']}s; best #{best.number}: "
+print(f"{result.finished} trials in {result.wall_seconds}s; best #{best.number}: "
       f"val_acc {best.value:.4f} with {best.params}")

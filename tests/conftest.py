@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,9 +15,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))  # the suite runs on two workers (pyproject's addopts)
+if XDIST:  # before torch loads OpenMP: waiting threads of the two workers sleep soon (as hpo sets it)
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if XDIST:  # after torch loaded: one OpenMP thread in each hpo process a test starts, two in the worker itself
+    # (test_population's solo-vs-member tolerances hold at two threads, not at one: a later issue)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SMALL_DATA = """
 [data]
@@ -176,6 +186,23 @@ def hpo_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProce
     """``hpo`` as a user runs it: a real process."""
     return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=timeout)
+
+
+def hpo_main(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``hpo`` in this process (``hpo.cli.main``), for tests of validation and messages: the exit code
+    and the lines a real process prints, without its start-up. Tests of signals, kills and separate
+    processes use :func:`hpo_cli`."""
+    from hpo.cli import main
+
+    out, err, sigterm = io.StringIO(), io.StringIO(), signal.getsignal(signal.SIGTERM)
+    with contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)  # main() takes SIGTERM as Ctrl-C
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def first_checkpoint(out: Path, proc: subprocess.Popen) -> None:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import DEVICES
 
-import hpo.augment as aug
-from hpo.data import to_device
+import hpo.engine.augment as aug
+from hpo.config.study_file import check_augment
+from hpo.engine.data import to_device
 
 
 def smooth_images(n: int, seed: int = 0) -> np.ndarray:
@@ -162,6 +163,6 @@ def test_flip_shift_moves_each_image_by_at_most_four_pixels_and_draws_every_move
 
 
 def test_built_in_augmentations_are_named_when_a_name_is_wrong(tmp_path):
-    value, problem = aug.check_augment("flip", tmp_path)
+    value, problem = check_augment("flip", tmp_path)
     assert problem == "augment: must be one of 'none', 'recipe', 'flip-shift' or an albumentations .json/.yaml " \
                       "file, got 'flip'"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpo.augment import make_augment
-from hpo.checkpoints import (
-    CheckpointError,
+from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
+from hpo.engine.augment import make_augment
+from hpo.engine.checkpoints import (
     Checkpoints,
     carry_over,
     load_checkpoint,
@@ -19,10 +19,10 @@ from hpo.checkpoints import (
     resume_history,
     save_checkpoint,
 )
-from hpo.config import DataConfig, ModelConfig, TrainConfig
-from hpo.data import synthetic, training_splits
-from hpo.models import build_model
-from hpo.train import fit
+from hpo.engine.data import synthetic, training_splits
+from hpo.engine.loop import fit
+from hpo.engine.models import build_model
+from hpo.engine.records import CheckpointError
 
 CPU = torch.device("cpu")
 

@@ -13,10 +13,12 @@ import torch
 from conftest import DEVICES
 from torch import nn
 
-from hpo.checks import GateFailed, config_hash, gate, run_checks
-from hpo.config import load_study
-from hpo.data import make_splits, synthetic
-from hpo.models import build_model
+from hpo.config.study_file import load_study
+from hpo.engine.checks import run_checks
+from hpo.engine.data import make_splits, synthetic
+from hpo.engine.models import build_model
+from hpo.engine.records import GateFailed
+from hpo.workers.gate import config_hash, gate
 
 CPU = torch.device("cpu")
 
@@ -120,10 +122,10 @@ def test_gate_records_once_per_config(cfg, data, tmp_path, monkeypatch):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
     calls = []
-    import hpo.checks
+    import hpo.workers.gate
 
-    real = hpo.checks.run_checks
-    monkeypatch.setattr(hpo.checks, "run_checks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hpo.workers.gate.run_checks
+    monkeypatch.setattr(hpo.workers.gate, "run_checks", lambda *a, **k: calls.append(1) or real(*a, **k))
     record = gate(study, cfg, data, CPU)
     assert record["passed"] is True and len(calls) == 1
     gate(optuna.load_study(study_name="s", storage=storage), cfg, data, CPU)  # another worker

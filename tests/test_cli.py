@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hpo_main
 
-from hpo.checkpoints import load_checkpoint
+from hpo.engine.checkpoints import load_checkpoint
 
 
 def hpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -57,10 +58,10 @@ def test_bad_param_epochs_device_and_data(study_file, tmp_path):
         (["--data", tmp_path], "not a dataset folder"),
     ]
     for args, message in cases:
-        r = hpo("train", study_file(), "--out", tmp_path / "runs", *args)
+        r = hpo_main("train", study_file(), "--out", tmp_path / "runs", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.splitlines()) == 1 and message in r.stderr, (args, r.stderr)
-    r = hpo("train", tmp_path / "missing.toml")
+    r = hpo_main("train", tmp_path / "missing.toml")
     assert r.returncode == 2 and "no such study file" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing half-written
 

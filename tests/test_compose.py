@@ -8,7 +8,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from hpo.cli import cmd_worker, parser
+from hpo.cli import parser
+from hpo.cli.commands import cmd_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 # compose-spec.json: the Compose Specification's schema, as published in the npm package

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from hpo.config import ConfigError, load_study, parse_override
-from hpo.space import Categorical, Range
+from hpo.config.schema import ConfigError
+from hpo.config.space import Categorical, Range
+from hpo.config.study_file import load_study, parse_override
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpo.config import DataConfig
-from hpo.data import DataError, cache_dir, load_data, make_splits, normalize, synthetic, to_device, training_splits
+from hpo.config.schema import DataConfig
+from hpo.engine.data import cache_dir, load_data, make_splits, normalize, synthetic, to_device, training_splits
+from hpo.engine.records import DataError
 
 
 def test_synthetic_has_cifar_shape():

@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from hpo.cli import cmd_best, cmd_run, cmd_worker, parser
+from hpo.cli import parser
+from hpo.cli.commands import cmd_best, cmd_run, cmd_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kubernetes" / "hpo.yaml"
@@ -156,8 +157,8 @@ def test_hpo_best_tells_a_missing_study_from_an_empty_one(tmp_path):
     """What the init container relies on: exit 2 before `hpo run` made the study, 1 after."""
     import optuna
 
-    from hpo.config import load_study
-    from hpo.study import open_study
+    from hpo.config.study_file import load_study
+    from hpo.study.identity import open_study
 
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = ROOT / "studies" / "recipe-random-search.toml"

@@ -64,12 +64,12 @@ def test_a_space_that_varies_what_members_share_is_refused_in_one_line(study_fil
 
 
 def test_members_of_one_population_have_their_own_dropout(study_file, tmp_path):
-    """model.dropout is a member's own (hpo.population): a space that varies it runs as one population,
+    """model.dropout is a member's own (hpo.engine.population): a space that varies it runs as one population,
     and each trial's best.pt is its solo model's, Dropout layers and all."""
     import torch
 
-    from hpo.config import ModelConfig
-    from hpo.models import build_model
+    from hpo.config.schema import ModelConfig
+    from hpo.engine.models import build_model
 
     body = GRID.replace('"train.weight_decay" = [1.0, 0.0]', '"model.dropout" = [0.0, 0.5]').replace("10.0", "0.001")
     url = f"sqlite:///{tmp_path / 'study.db'}"
@@ -88,8 +88,8 @@ def test_the_automatic_size_is_one_on_a_cpu_and_what_free_memory_holds_on_cuda(m
     """CI has no GPU: the free memory CUDA would report is given; the arithmetic is hpo's."""
     import torch
 
-    from hpo.config import load_study
-    from hpo.members import AUTO_CAP, auto_population, member_bytes
+    from hpo.config.study_file import load_study
+    from hpo.workers.members import AUTO_CAP, auto_population, member_bytes
 
     cfg = load_study("studies/recipe-random-search.toml")
     per = member_bytes(cfg, 3072, 10)
@@ -104,7 +104,7 @@ def test_the_automatic_size_is_one_on_a_cpu_and_what_free_memory_holds_on_cuda(m
     assert auto_population(cfg, gpu, 3072, 10, 10**4) == AUTO_CAP
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per // 2, per))
     assert auto_population(cfg, gpu, 3072, 10, 100) == 1
-    from hpo import space
+    from hpo.config import space
 
     varied = dataclasses.replace(cfg, search={**cfg.search, "model.hidden": space.Categorical((50, 100))})
     assert auto_population(varied, gpu, 3072, 10, 100) == 1  # members could not share a population

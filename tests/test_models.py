@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from hpo.config import ModelConfig
-from hpo.models import build_model
+from hpo.config.schema import ModelConfig
+from hpo.engine.models import build_model
 
 
 def test_default_is_the_recipe_mlp():

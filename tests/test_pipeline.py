@@ -10,10 +10,10 @@ import pytest
 from conftest import hpo_cli
 
 from hpo import load_study
-from hpo.pipeline import PIPELINE_ATTR, STAGES, pipeline
-from hpo.slots import Options
-from hpo.study import read_study
-from hpo.worker import run_study
+from hpo.recipe.pipeline import PIPELINE_ATTR, STAGES, pipeline
+from hpo.study.reads import read_study
+from hpo.workers.slots import Options
+from hpo.workers.worker import run_study
 
 STUDY = """augment = "flip-shift"
 [study]

@@ -8,12 +8,13 @@ import dataclasses
 import pytest
 import torch
 
-from hpo.augment import make_augment
-from hpo.config import DataConfig, ModelConfig, TrainConfig
-from hpo.data import synthetic, training_splits
-from hpo.models import build_model
-from hpo.population import Member, Population, fit_population
-from hpo.train import FitResult, Stop, TrainingDiverged, fit
+from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
+from hpo.engine.augment import make_augment
+from hpo.engine.data import synthetic, training_splits
+from hpo.engine.loop import fit
+from hpo.engine.models import build_model
+from hpo.engine.population import Member, Population, fit_population
+from hpo.engine.records import FitResult, Stop, TrainingDiverged
 
 CPU = torch.device("cpu")
 REL = 1e-3  # float32 rounding apart (other matmul kernels), grown over a few epochs of training
@@ -26,7 +27,7 @@ def splits():
 
 
 def solo(splits, model: ModelConfig, cfg: TrainConfig, augment: str = "none", on_epoch=None) -> FitResult:
-    """The member's run alone, as hpo.runs.train_run seeds it."""
+    """The member's run alone, as hpo.engine.runs.train_run seeds it."""
     torch.manual_seed(cfg.seed)
     return fit(build_model(model), splits, cfg, make_augment(augment), on_epoch)
 
@@ -124,7 +125,7 @@ CUT = [TrainConfig(epochs=5, batch_size=32, step_size=2, gamma=0.5),
 @pytest.mark.parametrize("cfg", CUT, ids=["adam", "sgd"])
 def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, cfg):
     """Its checkpoint is a solo run's last.pt and best.pt: `hpo` resumes it wherever the retry runs."""
-    from hpo.checkpoints import Checkpoints, save_checkpoint
+    from hpo.engine.checkpoints import Checkpoints, save_checkpoint
 
     model = ModelConfig(batch_norm=True)
     neighbour = Member(dataclasses.replace(cfg, lr=cfg.lr / 2), make_augment("none"))
@@ -142,7 +143,7 @@ def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, 
 
 @pytest.mark.parametrize("cfg", CUT, ids=["adam", "sgd"])
 def test_a_solo_run_cut_short_goes_on_inside_a_population(splits, tmp_path, cfg):
-    from hpo.checkpoints import Checkpoints, load_checkpoint
+    from hpo.engine.checkpoints import Checkpoints, load_checkpoint
 
     model = ModelConfig(batch_norm=True)
     torch.manual_seed(cfg.seed)

@@ -20,11 +20,11 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-import hpo.progress
-from hpo.config import load_study
-from hpo.progress import Progress, trial_line
-from hpo.storage import open_storage
-from hpo.study import TARGET_ATTR, StudyHandle
+import hpo.study.progress
+from hpo.config.study_file import load_study
+from hpo.storages.rdb import open_storage
+from hpo.study.handle import TARGET_ATTR, StudyHandle
+from hpo.study.progress import Progress, trial_line
 
 # Anything the watcher thread raises besides the StorageError it handles is a failure, not a warning.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -118,7 +118,7 @@ def test_a_line_per_state_shows_the_value_short_params_and_where_it_stopped(hand
 # 2. Progress over a running study.
 
 def test_it_prints_each_trial_that_finishes_while_the_body_runs_once_whoever_wrote_it(handle, monkeypatch, capsys):
-    monkeypatch.setattr(hpo.progress, "POLL", 0.02)
+    monkeypatch.setattr(hpo.study.progress, "POLL", 0.02)
     # Another worker: its own connection to the same SQLite file, as a process elsewhere has.
     other = optuna.load_study(study_name=handle.study.study_name, storage=handle.storage.url)
     # Waits are on what the watcher has seen, not on the output: reading capsys while the watcher
@@ -143,7 +143,7 @@ def test_it_prints_each_trial_that_finishes_while_the_body_runs_once_whoever_wro
 
 
 def test_the_final_poll_prints_what_finished_after_the_last_look_in_number_order(handle, monkeypatch, capsys):
-    monkeypatch.setattr(hpo.progress, "POLL", 3600.0)  # the watcher never looks: whatever is printed, the exit did
+    monkeypatch.setattr(hpo.study.progress, "POLL", 3600.0)  # the watcher never looks: the exit printed it
     other = optuna.load_study(study_name=handle.study.study_name, storage=handle.storage.url)
     with Progress(handle):
         handle.study.add_trial(complete(0.7))  # #2
@@ -171,7 +171,7 @@ def test_the_final_poll_prints_what_finished_after_the_last_look_in_number_order
 
 def test_an_error_in_the_body_propagates_after_the_final_poll(handle, monkeypatch, capsys):
     """A Ctrl-C's trial, the failure that spent the budget: the last lines are what the user needs."""
-    monkeypatch.setattr(hpo.progress, "POLL", 3600.0)  # only the final poll could print #2
+    monkeypatch.setattr(hpo.study.progress, "POLL", 3600.0)  # only the final poll could print #2
     with pytest.raises(KeyboardInterrupt), Progress(handle) as progress:
         handle.study.add_trial(failed())  # #2
         raise KeyboardInterrupt
@@ -211,7 +211,7 @@ def read_terminal(fd: int) -> str:
 
 
 def test_on_a_terminal_the_bar_shows_the_count_and_the_best(handle, monkeypatch, capsys):
-    monkeypatch.setattr(hpo.progress, "POLL", 3600.0)
+    monkeypatch.setattr(hpo.study.progress, "POLL", 3600.0)
     master, slave = pty.openpty()  # a real terminal, 120 columns wide
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     # redirect_stderr, not monkeypatch: that would put capsys's stream back after capsys has gone
@@ -227,7 +227,7 @@ def test_on_a_terminal_the_bar_shows_the_count_and_the_best(handle, monkeypatch,
 # 3. The database away: the watcher stops, the run goes on, and the exit catches up.
 
 def test_a_lost_database_stops_the_watcher_but_not_the_body(study_file, postgres_url, proxy, monkeypatch, capsys):
-    monkeypatch.setattr(hpo.progress, "POLL", 0.02)
+    monkeypatch.setattr(hpo.study.progress, "POLL", 0.02)
     # The storage as a worker opens it (db_timeout: how long its calls retry a lost connection), via the proxy.
     handle = make_handle(study_file, postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"), db_timeout=1)
     with Progress(handle) as progress:

@@ -1,4 +1,4 @@
-"""`hpo proxy` (hpo.proxy, hpo.remote): Optuna's gRPC storage proxy in front of a real PostgreSQL,
+"""`hpo proxy` (hpo.workers.proxy, hpo.storages.remote): Optuna's gRPC storage proxy in front of a real PostgreSQL,
 real worker processes behind it on grpc://, and the faults a worker there must survive."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from conftest import FULL_DATA, hpo_cli
 from optuna.trial import TrialState
 
-from hpo.remote import parse
-from hpo.storage import StorageError
-from hpo.study import REQUEUE_ATTR, RETRY_ATTR
+from hpo.storages.remote import parse
+from hpo.storages.retries import StorageError
+from hpo.study.handle import REQUEUE_ATTR, RETRY_ATTR
 
 SHORT = """augment = "none"
 [study]

@@ -15,8 +15,8 @@ import optuna
 import pytest
 from conftest import hpo_cli
 
-from hpo.checkpoints import load_checkpoint
-from hpo.data import synthetic
+from hpo.engine.checkpoints import load_checkpoint
+from hpo.engine.data import synthetic
 
 STUDY = """augment = "none"
 [study]
@@ -51,8 +51,8 @@ def test_explore_reports_the_recipe_s_numbers(tmp_path):
     assert stats["dtype"] == "uint8" and stats["class_counts"]["all training images"] == [100] * 10
     assert stats["split_sizes"] == {"all training images": 1000, "train split": 600, "val split": 200, "test": 200}
     assert all(stats["balanced"].values())
-    from hpo.config import DataConfig
-    from hpo.data import make_splits
+    from hpo.config.schema import DataConfig
+    from hpo.engine.data import make_splits
 
     train = data.train_x[make_splits(data.train_y, DataConfig(train_size=600, val_size=200, subset_size=300)).train]
     expected = (train / 255).mean(axis=(0, 1, 2))
@@ -79,8 +79,8 @@ def test_the_study_report_has_every_figure(finished_study, tmp_path):
 
 
 def test_retrain_without_a_completed_trial_is_one_line(study_file, tmp_path):
-    from hpo.config import load_study
-    from hpo.study import open_study
+    from hpo.config.study_file import load_study
+    from hpo.study.identity import open_study
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     open_study(load_study(study_file(STUDY)), url, create=True)  # an hpo study with no trial yet

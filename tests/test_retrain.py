@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from hpo import load_study
-from hpo.data import synthetic
-from hpo.members import shareable
-from hpo.retrain import retrain, spearman
-from hpo.slots import Options
-from hpo.study import open_study
-from hpo.worker import run_study
+from hpo.engine.data import synthetic
+from hpo.recipe.retrain import retrain, spearman
+from hpo.study.identity import open_study
+from hpo.workers.members import shareable
+from hpo.workers.slots import Options
+from hpo.workers.worker import run_study
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,8 @@ def _finished(study_file, tmp_path, search: str):
     cfg = load_study(study_file(body))
     opts = Options(storage=f"sqlite:///{tmp_path / 'r.db'}", device="cpu", out=str(tmp_path / "runs"),
                    artifacts=str(tmp_path / "art"), skip_checks=True)
-    run_study(cfg, opts, quiet=True)
+    ran = run_study(cfg, opts, quiet=True)
+    assert (ran.study, ran.finished, ran.failed, ran.storage) == ("small", 3, 0, opts.storage)
     return open_study(cfg, opts.storage, create=False)
 
 

@@ -10,12 +10,15 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from hpo.config import ConfigError, load_study
+from hpo.config.schema import ConfigError
+from hpo.config.study_file import load_study
+from hpo.engine.records import Stop, TrainingDiverged
+from hpo.engine.runs import RunSummary
 from hpo.files import WriteError
-from hpo.runner import Attempt, Outcome, run_trial, tell
-from hpo.runs import RunSummary
-from hpo.study import RETRY_ATTR, StudyHandle, open_study, pop_waiting, set_target, top_up
-from hpo.train import Stop, TrainingDiverged
+from hpo.study.handle import RETRY_ATTR, StudyHandle
+from hpo.study.identity import open_study
+from hpo.study.queue import pop_waiting, set_target, top_up
+from hpo.workers.runner import Attempt, Outcome, run_trial, tell
 
 SEARCH = '[search]\n"train.lr" = [0.01, 0.001]\n'
 

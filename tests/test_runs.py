@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hpo
-from hpo.config import load_study
-from hpo.runs import git_revision, train_run
-from hpo.train import Stop, TrainingDiverged
+from hpo.config.study_file import load_study
+from hpo.engine.records import Stop, TrainingDiverged
+from hpo.engine.runs import git_revision, train_run
 
 
 def test_a_run_records_config_seed_and_revision(study_file, tmp_path):

@@ -7,11 +7,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from hpo import load_study
-from hpo.report import epoch_budget
-from hpo.samplers import SeededTPE
-from hpo.slots import Options
-from hpo.study import read_study
-from hpo.worker import run_study
+from hpo.recipe.report import epoch_budget
+from hpo.study.reads import read_study
+from hpo.study.samplers import SeededTPE
+from hpo.workers.slots import Options
+from hpo.workers.worker import run_study
 
 TPE = """augment = "none"
 [study]

@@ -12,9 +12,10 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from hpo import space
-from hpo.config import ConfigError, ModelConfig, TrainConfig, _check_value, load_study
-from hpo.space import Categorical, Range, SpaceError
+from hpo.config import space
+from hpo.config.schema import ConfigError, ModelConfig, TrainConfig
+from hpo.config.space import Categorical, Range, SpaceError
+from hpo.config.study_file import _check_value, load_study
 
 
 def check_for(section: type, name: str) -> tuple[Any, space.Check]:

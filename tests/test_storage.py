@@ -10,7 +10,7 @@ import pytest
 from conftest import FULL_DATA, hpo_cli
 from optuna.trial import TrialState
 
-from hpo.storage import mask
+from hpo.storages.retries import mask
 
 TRIALS = """augment = "none"
 [study]

@@ -1,5 +1,6 @@
-"""The storage suite: hpo/storage.py on each database hpo coordinates workers on (SQLite, PostgreSQL,
-MariaDB), each test given a fresh one by StorageSupplier, as Optuna's own storage tests get theirs.
+"""The storage suite: hpo/storages/ (rdb, retries, locks) on each database hpo coordinates workers
+on (SQLite, PostgreSQL, MariaDB), each test given a fresh one by StorageSupplier, as Optuna's own
+storage tests get theirs.
 
 1. SQLite's locks: only writes take the write lock up front.
 2. The wrapped calls: every call that reaches the database rides out a lost connection; any other
@@ -43,7 +44,9 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 
-import hpo.storage as hs
+import hpo.storages.rdb as hs
+from hpo.storages.locks import study_lock
+from hpo.storages.retries import DatabaseError, StorageError, mask
 
 MAXIMIZE = [StudyDirection.MAXIMIZE]
 WRITES = ("INSERT", "UPDATE", "DELETE")
@@ -265,12 +268,12 @@ def test_a_missing_table_fails_at_once_in_the_databases_words(kind, tmp_path):
         # a read, and a write (not create_new_trial: Optuna retries its errors 5 times itself, for seconds)
         for call in (lambda: storage.get_all_trials(study_id), lambda: storage.set_trial_user_attr(trial_id, "k", 1)):
             t0 = time.monotonic()
-            with pytest.raises(hs.StorageError) as info:
+            with pytest.raises(StorageError) as info:
                 call()
             assert time.monotonic() - t0 < 5, str(info.value)  # not 10 s of retries
             reason = str(info.value)
-            assert reason.startswith(f"the database at {hs.mask(storage.url)} failed: ") and missing in reason
-            assert type(info.value) is hs.DatabaseError and "\n" not in reason
+            assert reason.startswith(f"the database at {mask(storage.url)} failed: ") and missing in reason
+            assert type(info.value) is DatabaseError and "\n" not in reason
 
 
 def test_a_read_only_sqlite_file_fails_at_once(tmp_path):
@@ -280,11 +283,11 @@ def test_a_read_only_sqlite_file_fails_at_once(tmp_path):
     storage = hs.open_storage(url, db_timeout=10)
     assert storage.get_study_user_attrs(study_id) == {}  # reading is fine
     t0 = time.monotonic()
-    with pytest.raises(hs.StorageError) as info:
+    with pytest.raises(StorageError) as info:
         storage.set_study_user_attr(study_id, "k", 1)
     assert time.monotonic() - t0 < 5, str(info.value)  # not 10 s of retries
-    assert str(info.value) == f"the database at {hs.mask(url)} failed: attempt to write a readonly database"
-    assert type(info.value) is hs.DatabaseError
+    assert str(info.value) == f"the database at {mask(url)} failed: attempt to write a readonly database"
+    assert type(info.value) is DatabaseError
 
 
 def test_a_sqlite_lock_held_too_long_fails_once_the_busy_timeout_is_over(tmp_path, monkeypatch):
@@ -294,10 +297,10 @@ def test_a_sqlite_lock_held_too_long_fails_once_the_busy_timeout_is_over(tmp_pat
         writer.exec_driver_sql("INSERT INTO study_user_attributes (study_id, key, value_json) VALUES (?, 'a', '1')",
                                (study_id,))
         t0 = time.monotonic()
-        with pytest.raises(hs.StorageError) as info:
+        with pytest.raises(StorageError) as info:
             storage.set_study_user_attr(study_id, "k", 1)
         assert time.monotonic() - t0 < 5, str(info.value)  # the 2 s busy timeout, not 10 s of retries
-    assert str(info.value) == f"the database at {hs.mask(storage.url)} failed: database is locked"
+    assert str(info.value) == f"the database at {mask(storage.url)} failed: database is locked"
 
 
 # A URL query after which the server ends a statement that waits on a lock: PostgreSQL after 0.3 s; MariaDB
@@ -321,11 +324,11 @@ def test_a_lock_timeout_is_not_a_lost_connection(kind, hold, call, words, tmp_pa
         with other.engine.connect() as conn:
             conn.exec_driver_sql(hold)  # held until the connection's transaction ends
             t0 = time.monotonic()
-            with pytest.raises(hs.StorageError) as info:
+            with pytest.raises(StorageError) as info:
                 call(storage, study_id)
             assert time.monotonic() - t0 < 5, str(info.value)  # not 10 s of retries
         storage.engine.dispose()
-    assert str(info.value) == f"the database at {hs.mask(url)} failed: {words}"
+    assert str(info.value) == f"the database at {mask(url)} failed: {words}"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -345,7 +348,7 @@ def test_optunas_own_exceptions_pass_through(kind, tmp_path):
 # 3. Transient failures, ridden out: a cut connection (the servers), a write lock held a while (SQLite).
 
 def take_lock(storage: hs.ResilientRDBStorage, name: str = "s") -> None:
-    with hs.study_lock(storage, name):
+    with study_lock(storage, name):
         pass
 
 
@@ -369,7 +372,7 @@ def test_a_cut_connection_is_still_retried(kind, tmp_path):
         across_a_cut(supplier.proxy, 1, lambda: storage.set_study_user_attr(study_id, "k", 1))
         assert storage.get_study_user_attrs(study_id) == {"k": 1}
         across_a_cut(supplier.proxy, 1, lambda: take_lock(storage))
-        with hs.study_lock(storage, "s"):
+        with study_lock(storage, "s"):
             supplier.proxy.cut()  # the lock's session ends, and the server gives its lock back
         supplier.proxy.restore()
         assert InThread(lambda: take_lock(storage)).done(10), "the server kept the lock of a cut connection"
@@ -412,7 +415,7 @@ def take_turns(url: str, start: Barrier, turns: int) -> list[tuple[float, float,
     times = []
     for _ in range(turns):
         asked = time.monotonic()
-        with hs.study_lock(storage, "s"):
+        with study_lock(storage, "s"):
             entered = time.monotonic()
             count = storage.get_study_user_attrs(study_id)["count"]
             time.sleep(HOLD)
@@ -456,7 +459,7 @@ def held_on_the_server(url: str, name: str) -> bool:
 
 
 def hold_until_killed(url: str, holding: Event) -> None:
-    with hs.study_lock(hs.open_storage(url), "s"):
+    with study_lock(hs.open_storage(url), "s"):
         holding.set()
         time.sleep(60)
 
@@ -487,26 +490,26 @@ def test_a_lock_wait_the_server_ends_is_an_error_never_the_lock(kind, tmp_path):
     KILL QUERY): taken for the lock, two processes would be inside at once."""
     supplier = StorageSupplier(kind, tmp_path)
     entered = False
-    with supplier as storage, hs.study_lock(storage, "s"):
+    with supplier as storage, study_lock(storage, "s"):
         impatient = hs.open_storage(supplier.url + LIMITS[kind], db_timeout=10)
-        with pytest.raises(hs.DatabaseError) as info, hs.study_lock(impatient, "s"):
+        with pytest.raises(DatabaseError) as info, study_lock(impatient, "s"):
             entered = True
         impatient.engine.dispose()
     assert not entered
     words = {"postgresql": "canceling statement due to lock timeout", "mysql": "GET_LOCK gave NULL"}[kind]
-    assert str(info.value).startswith(f"the database at {hs.mask(impatient.url)} failed: ") and words in str(info.value)
+    assert str(info.value).startswith(f"the database at {mask(impatient.url)} failed: ") and words in str(info.value)
 
 
 # 5. Heartbeats, and the retry of a dead worker's trial.
 
 def reap(url: str, start: Barrier) -> list[tuple[int, str]]:
     """A worker process, reaping at the same instant as another: fail_stale_trials, with a callback that
-    records what it was given and queues the trial again under the study lock, as hpo.study.requeue does."""
+    records what it was given and queues the trial again under the study lock, as hpo.study.queue.requeue does."""
     seen = []
 
     def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
         seen.append((trial.number, trial.state.name))
-        with hs.study_lock(storage, study.study_name):
+        with study_lock(storage, study.study_name):
             study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
                                                       distributions=trial.distributions,
                                                       user_attrs={"retry_of": trial.number}))
@@ -592,7 +595,7 @@ def test_processes_opening_a_new_database_at_once_all_succeed(kind, tmp_path):
         assert optuna.get_all_study_names(url) == ["s"]
 
 
-# 7. A worker's hot path (hpo/owned.py): the queue filled and read in a few statements, the trials a
+# 7. A worker's hot path (hpo/storages/owned.py): the queue filled and read in a few statements, the trials a
 # worker takes kept in memory as it writes them, and what it keeps is what the database holds.
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask without optimize, on purpose

@@ -9,11 +9,13 @@ import time
 
 import optuna
 import pytest
-from conftest import first_checkpoint, hpo_cli
+from conftest import first_checkpoint, hpo_cli, hpo_main
 from optuna.trial import TrialState
 
-from hpo.config import load_study
-from hpo.study import DRAW_ATTR, StudyError, draw, open_study
+from hpo.config.study_file import load_study
+from hpo.study.handle import DRAW_ATTR, StudyError
+from hpo.study.identity import open_study
+from hpo.study.queue import draw
 
 SEARCH = """augment = "none"
 [study]
@@ -67,7 +69,7 @@ def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n,
 def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_file, storage_url):
     import sqlalchemy
 
-    from hpo.study import pop_waiting, set_target, suggest, top_up
+    from hpo.study.queue import pop_waiting, set_target, suggest, top_up
 
     cfg = load_study(study_file(SEARCH))
     handle = open_study(cfg, storage_url, create=True)
@@ -91,7 +93,7 @@ def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_
 def test_a_step_range_queues_its_top_value(study_file, tmp_path):
     """0.004 + 5 * 0.01 is 0.054000000000000006 in floats, above high; the slot must still be queued,
     with the grid's top value."""
-    from hpo.study import distributions, set_target, top_up
+    from hpo.study.queue import distributions, set_target, top_up
 
     cfg = load_study(study_file(SEARCH.replace('"train.lr" = [0.01, 0.003, 0.001]',
                                                '"train.lr" = {low = 0.004, high = 0.054, step = 0.01}')))
@@ -210,7 +212,7 @@ def test_a_study_name_with_another_config_is_refused(study_file, tmp_path):
     (["--storage", "not a url"], "not a database URL"),
 ])
 def test_bad_run_options(study_file, tmp_path, args, message):
-    r = hpo_cli("run", study_file(SEARCH), "--out", tmp_path / "r", *args, cwd=tmp_path)
+    r = hpo_main("run", study_file(SEARCH), "--out", tmp_path / "r", *args, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert not (tmp_path / "hpo.db").exists() or not trials(f"sqlite:///{tmp_path / 'hpo.db'}")
 
@@ -218,8 +220,8 @@ def test_bad_run_options(study_file, tmp_path, args, message):
 WORKER = """
 import json, sys
 from hpo import load_study, open_study
-from hpo.study import suggest
-from hpo.worker import work
+from hpo.study.queue import suggest
+from hpo.workers.worker import work
 handle = open_study(load_study(sys.argv[2]), sys.argv[1], create=False)
 def trivial(trial):
     handle.study.tell(trial, suggest(trial, handle.cfg)["train.lr"])
@@ -229,7 +231,7 @@ print(json.dumps({"ran": work(handle, trivial)}))
 
 def test_eight_workers_a_hundred_trials_on_postgresql(study_file, postgres_url):
     """The load case: 8 processes race for 100 slots of a trivial objective."""
-    from hpo.study import set_target, top_up
+    from hpo.study.queue import set_target, top_up
 
     path = study_file(SEARCH)
     handle = open_study(load_study(path), postgres_url, create=True)
@@ -315,8 +317,8 @@ def test_the_study_names_its_metric_and_gives_a_dataframe(study_file, tmp_path):
 
 OPEN = """
 import sys, time
-from hpo.config import load_study
-from hpo.study import open_study
+from hpo.config.study_file import load_study
+from hpo.study.identity import open_study
 cfg = load_study(sys.argv[2])
 time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
 open_study(cfg, sys.argv[1], create=True)
@@ -354,7 +356,7 @@ def test_validation_comes_before_anything_is_written(study_file, tmp_path):
                           (["--param", "model.hidden=1000000000000"], "model.hidden: must be <= 65536"),
                           (["--db-timeout", "-5"], "--db-timeout must be 0"),
                           (["--max-failures", "0"], "--max-failures must be a positive integer")):
-        r = hpo_cli("run", study_file(GRID), *common, *args)
+        r = hpo_main("run", study_file(GRID), *common, *args)
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and message in r.stderr, (args, r.stderr)
         assert not (tmp_path / "study.db").exists() or optuna.get_all_study_names(url) == [], args
     assert not (tmp_path / "r").exists()

@@ -4,12 +4,13 @@ import pytest
 import torch
 from conftest import DEVICES, ON_CUDA
 
-from hpo.augment import make_augment
-from hpo.checkpoints import Checkpoints, load_checkpoint
-from hpo.config import DataConfig, ModelConfig, TrainConfig
-from hpo.data import normalize, resolve_device, synthetic, training_splits
-from hpo.models import build_model
-from hpo.train import Stop, TrainingDiverged, fit, make_optimizer
+from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
+from hpo.engine.augment import make_augment
+from hpo.engine.checkpoints import Checkpoints, load_checkpoint
+from hpo.engine.data import normalize, resolve_device, synthetic, training_splits
+from hpo.engine.loop import fit, make_optimizer
+from hpo.engine.models import build_model
+from hpo.engine.records import Stop, TrainingDiverged
 
 CPU = torch.device("cpu")
 
@@ -22,7 +23,7 @@ def splits(request):
 
 
 def run(splits, folder=None, augment="none", model=None, graphs=True, on_epoch=None, save_every=0.0, **train):
-    """``fit`` from seed 0; with ``folder``, under the checkpoint policy of hpo.runs in that folder."""
+    """``fit`` from seed 0; with ``folder``, under the checkpoint policy of hpo.engine.runs in that folder."""
     torch.manual_seed(0)
     net = build_model(model or ModelConfig()).to(splits.train.x.device)
     checkpoints = Checkpoints(folder, save_every) if folder else None

@@ -12,7 +12,7 @@ import pytest
 from conftest import FULL_DATA, first_checkpoint, hpo_cli
 from optuna.trial import TrialState
 
-from hpo.checkpoints import load_checkpoint
+from hpo.engine.checkpoints import load_checkpoint
 
 # Trials of about 2 s (600 images, batch 16, 60 epochs); heartbeats every second, dead after 3.
 LONG = """augment = "none"

@@ -1,0 +1,3 @@
+"""The study as a queue of exactly N: ``handle`` (an open study, its attribute names), ``queue``
+(top-ups, pops, retries), ``identity`` (open or join, refusing another config), ``reads`` (best,
+summaries), ``samplers``, ``faults`` (dead workers, failure budgets) and ``progress``."""
