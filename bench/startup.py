@@ -44,6 +44,11 @@ def _run(checkout: Path, argv: list[str], code: str = PROBE) -> subprocess.Compl
                           timeout=120)
 
 
+def _revision(checkout: Path) -> str:
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "not a git checkout"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
@@ -59,7 +64,8 @@ def main() -> None:
     assert made.returncode == 0, made.stderr
     commands = {"hpo --help": ["--help"], "hpo best": ["best", "--study", "startup", "--storage", url],
                 "hpo report": ["report", "--study", "startup", "--storage", url, "--out", str(work / "r.html")]}
-    checkouts = {"this checkout": ROOT, **({f"{args.against}": args.against} if args.against else {})}
+    checkouts = {f"this checkout ({_revision(ROOT)})": ROOT,
+                 **({f"{args.against} ({_revision(args.against)})": args.against} if args.against else {})}
     seconds: dict[str, dict[str, list[float]]] = {c: {k: [] for k in commands} for c in checkouts}
     for _ in range(args.repeats):  # interleaved: a busy moment slows every side alike
         for side, checkout in checkouts.items():
