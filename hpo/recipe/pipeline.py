@@ -22,12 +22,10 @@ from hpo.recipe.explore import explore
 from hpo.recipe.report import EpochBudget, epoch_budget, study_report
 from hpo.recipe.retrain import RetrainResult, retrain
 from hpo.study.handle import COUNTED, StudyHandle
-from hpo.study.identity import open_study
-from hpo.study.queue import check_target, set_target
 from hpo.workers.gate import gate
 from hpo.workers.runner import say
 from hpo.workers.slots import Options
-from hpo.workers.worker import load_checked, run_study, with_population
+from hpo.workers.worker import prepare, run_study
 
 STAGES = ("explore", "gate", "search", "retrain", "report")
 PIPELINE_ATTR = "hpo:pipeline"  # + ":<stage>": a finished stage's wall seconds and what it depended on
@@ -95,14 +93,9 @@ def pipeline(cfg: StudyConfig, opts: Options, out: Path, n_trials: int | None = 
              quiet: bool = False, data: ImageData | None = None) -> PipelineResult:
     """explore -> gate -> search (``n_trials``, ``workers``) -> retrain ``[retrain] top`` -> report,
     each stage once per study. ``out`` gets explore/ and report.html; runs go to ``opts.out``."""
-    target = n_trials or cfg.study.n_trials
-    check_target(cfg, target)
-    opts = with_population(cfg, opts)
-    data = data if data is not None else load_checked(cfg)
     device = resolve_device(opts.device)
-    handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
-                        db_timeout=opts.db_timeout)
-    set_target(handle, target)
+    handle, opts, data = prepare(cfg, opts, n_trials, create=True, data=data)
+    target = handle.target
     study = cfg.study.name
     paths = {"explore": out / "explore", "report": out / "report.html"}
     results: dict[str, RetrainResult] = {}

@@ -100,6 +100,24 @@ def with_population(cfg: StudyConfig, opts: Options) -> Options:
     return opts
 
 
+def prepare(cfg: StudyConfig, opts: Options, n_trials: int | None, create: bool,
+            data: ImageData | None = None) -> tuple[StudyHandle, Options, ImageData]:
+    """What every way into a study does first, in this order, so that bad input fails before the
+    study is written: the target N against the search space, the population size, the data (``data``:
+    loaded already) against the splits, then the study opened (``create``: or made) and N set. N is
+    ``n_trials``, else the study file's when creating; a worker that joins without one keeps the study's."""
+    target = n_trials or (cfg.study.n_trials if create else None)
+    if target:
+        check_target(cfg, target)
+    opts = with_population(cfg, opts)
+    data = data if data is not None else load_checked(cfg)
+    handle = open_study(cfg, opts.storage, create=create, heartbeat=opts.heartbeat, grace=opts.grace,
+                        db_timeout=opts.db_timeout)
+    if target:
+        set_target(handle, target)
+    return handle, opts, data
+
+
 def _work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Options) -> int:
     """Trials one at a time, or ``opts.population`` of them at once (0: as many as fit); how many ran here."""
     size = opts.population or auto_population(handle.cfg, device, data.train_x[0].size, len(data.classes),
@@ -149,14 +167,9 @@ def run_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, work
               quiet: bool = False, data: ImageData | None = None) -> StudyRun:
     """``hpo run``: create or resume the study, pass the gate, queue N slots, run K workers (``data``:
     the study's, loaded already; each worker process loads its own)."""
-    target = n_trials or cfg.study.n_trials
-    check_target(cfg, target)
-    opts = with_population(cfg, opts)
     devices = _devices(opts.device, workers)
-    data = data if data is not None else load_checked(cfg)
-    handle = open_study(cfg, opts.storage, create=True, heartbeat=opts.heartbeat, grace=opts.grace,
-                        db_timeout=opts.db_timeout)
-    set_target(handle, target)
+    handle, opts, data = prepare(cfg, opts, n_trials, create=True, data=data)
+    target = handle.target
     gate(handle.study, cfg, data, resolve_device(devices[0]), skip=opts.skip_checks)
     top_up(handle)
     t0 = time.perf_counter()
@@ -224,15 +237,8 @@ def _spawn(cfg: StudyConfig, options: list[Options], target: int) -> str | None:
 
 def join_study(cfg: StudyConfig, opts: Options, n_trials: int | None = None, quiet: bool = False) -> WorkerRun:
     """``hpo worker``: join a study that ``hpo run`` created, from this or any machine."""
-    if n_trials:
-        check_target(cfg, n_trials)
-    opts = with_population(cfg, opts)
     device = resolve_device(opts.device)
-    data = load_checked(cfg)
-    handle = open_study(cfg, opts.storage, create=False, heartbeat=opts.heartbeat, grace=opts.grace,
-                        db_timeout=opts.db_timeout)
-    if n_trials:
-        set_target(handle, n_trials)
+    handle, opts, data = prepare(cfg, opts, n_trials, create=False)
     gate(handle.study, cfg, data, device, skip=opts.skip_checks)  # returns at once if it passed before
     with Progress(handle, enabled=not quiet):
         ran = _work(handle, data, device, opts)
