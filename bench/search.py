@@ -40,10 +40,8 @@ def hpo_study(cfg, device: str, trials: int, tmp: Path, tag: str, params: dict, 
     cfg = cfg.with_params(overrides)
     opts = Options(storage=f"sqlite:///{tmp / tag}.db", device=device, out=str(tmp / "runs"),
                    artifacts=str(tmp / "art"), skip_checks=True)
-    worker_args = [str(STUDY), f"--data={cfg.data.path}", "--skip-checks",
-                   *(f"--param={k}={v!r}" if isinstance(v, str) else f"--param={k}={v}" for k, v in overrides.items())]
     t0 = time.perf_counter()
-    run_study(cfg, opts, n_trials=trials, workers=workers, worker_args=worker_args, quiet=True)
+    run_study(cfg, opts, n_trials=trials, workers=workers, quiet=True)  # the workers read the config from the study
     wall = time.perf_counter() - t0
     done = open_study(cfg, opts.storage, create=False).trials((TrialState.COMPLETE, TrialState.PRUNED))
     span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)

@@ -43,6 +43,7 @@ _API = {  # public name -> the module that defines it
     "FitResult": "hpo.engine.records",
     "GateFailed": "hpo.engine.records",
     "ImageData": "hpo.engine.data",
+    "Liveness": "hpo.storages.retries",
     "LoopState": "hpo.engine.loop",
     "Options": "hpo.workers.slots",
     "Outcome": "hpo.workers.runner",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,16 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))  # the suite runs on two workers (pyproject's addopts)
-if XDIST:  # before torch loads OpenMP: waiting threads of the two workers sleep soon (as hpo sets it)
+if XDIST:  # before torch loads OpenMP: one thread in each worker and in each hpo process a test starts
+    # (two workers on two cores: more threads only wait for each other), whose waiting threads sleep soon
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-if XDIST:  # after torch loaded: one OpenMP thread in each hpo process a test starts, two in the worker itself
-    # (test_population's solo-vs-member tolerances hold at two threads, not at one: a later issue)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SMALL_DATA = """
 [data]
@@ -60,6 +60,47 @@ def study_file(tmp_path: Path):
         return path
 
     return write
+
+
+# The study that tests of what reads a finished study share (report, retrain, the dashboard, a
+# pipeline after a search): trained once per test run, copied into each test.
+TRAINED_STUDY = """augment = "none"
+[study]
+n_trials = 4
+[train]
+epochs = 3
+[search]
+"train.lr" = [0.01, 0.003, 0.001]
+"train.batch_size" = [32, 64]
+"""
+
+
+@pytest.fixture(scope="session")
+def _trained_study(tmp_path_factory) -> Path:
+    """TRAINED_STUDY run by `hpo run` as a user runs it (gate included), once for the two xdist workers
+    together: the first to come trains it under a lock, in the folder the run's workers share."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if XDIST else root) / "trained-study"
+    shared.mkdir(exist_ok=True)
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not shared.with_suffix(".done").exists():  # a worker whose training failed leaves none
+            path = shared / "small.toml"
+            path.write_text(TRAINED_STUDY + SMALL_DATA)
+            r = hpo_cli("run", path, "--storage", f"sqlite:///{shared / 'study.db'}", "--device", "cpu",
+                        "--out", shared / "runs", "--artifacts", shared / "art")
+            assert r.returncode == 0, r.stderr
+            shared.with_suffix(".done").touch()
+    return shared
+
+
+@pytest.fixture
+def finished_study(_trained_study, tmp_path) -> tuple[Path, Path, str]:
+    """A copy of the trained study for one test to read and add to: (its folder, with the run folders
+    and the artifact store ``art``; the study file; the storage URL)."""
+    copy = tmp_path / "study"
+    shutil.copytree(_trained_study, copy)
+    return copy, copy / "small.toml", f"sqlite:///{copy / 'study.db'}"
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def test_gate_records_once_per_config(cfg, data, tmp_path, monkeypatch):
     real = hpo.workers.gate.run_checks
     monkeypatch.setattr(hpo.workers.gate, "run_checks", lambda *a, **k: calls.append(1) or real(*a, **k))
     record = gate(study, cfg, data, CPU)
-    assert record["passed"] is True and len(calls) == 1
+    assert record.passed is True and len(calls) == 1
     gate(optuna.load_study(study_name="s", storage=storage), cfg, data, CPU)  # another worker
     assert len(calls) == 1  # passed before: not run again
     stored = optuna.load_study(study_name="s", storage=storage).user_attrs[f"gate:{config_hash(cfg)}"]
@@ -143,7 +143,7 @@ def test_gate_refuses_a_broken_config_and_records_skips(cfg, data, tmp_path):
         gate(study, broken, data, CPU)
     stored = lambda: optuna.load_study(study_name="s", storage=storage).user_attrs[f"gate:{config_hash(broken)}"]  # noqa: E731
     assert stored()["passed"] is False and len(study.trials) == 0
-    assert gate(study, broken, data, CPU, skip=True)["skipped"] is True
+    assert gate(study, broken, data, CPU, skip=True).skipped is True
     assert stored()["skipped"] is True
 
 

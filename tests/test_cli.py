@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hpo_main
+from conftest import hpo_cli, hpo_main
 
 from hpo.engine.checkpoints import load_checkpoint
 
 
-def hpo(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hpo.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
-
-
 def test_train_prints_epochs_and_a_json_summary(study_file, tmp_path):
     out = tmp_path / "runs"
-    r = hpo("train", study_file(), "--epochs", "3", "--device", "cpu", "--out", out, "--json",
+    r = hpo_cli("train", study_file(), "--epochs", "3", "--device", "cpu", "--out", out, "--json",
             "--param", "train.lr=0.003", "--param", "model.batch_norm=true", "--param", "augment=recipe")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -41,7 +36,7 @@ def test_train_prints_epochs_and_a_json_summary(study_file, tmp_path):
 
 
 def test_bad_study_file_is_exit_2_with_one_line_per_problem(study_file, tmp_path):
-    r = hpo("train", study_file("[train]\nlr = 'fast'\nepochs = 0"), "--out", tmp_path / "runs")
+    r = hpo_main("train", study_file("[train]\nlr = 'fast'\nepochs = 0"), "--out", tmp_path / "runs")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == ["hpo: train.lr: must be a number, got 'fast'",
                                      "hpo: train.epochs: must be >= 1, got 0"]
@@ -79,7 +74,7 @@ def test_an_unreadable_study_file_is_one_line(study_file, tmp_path):
 
 
 def test_a_model_too_large_to_allocate_is_one_line(study_file, tmp_path):
-    r = hpo("train", study_file(), "--param", "model.hidden=1000000000000", "--out", tmp_path / "runs")
+    r = hpo_main("train", study_file(), "--param", "model.hidden=1000000000000", "--out", tmp_path / "runs")
     assert r.returncode == 2 and r.stderr == "hpo: model.hidden: must be <= 65536, got 1000000000000\n", r.stderr
     assert not (tmp_path / "runs").exists()
 

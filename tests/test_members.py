@@ -5,7 +5,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import hpo_cli
+from conftest import hpo_cli, hpo_main
 from optuna.trial import TrialState
 
 # lr 10 with weight decay 1 diverges (NaN); lr 10 alone and weight decay 1 alone learn nothing and
@@ -56,7 +56,7 @@ def test_a_space_that_varies_what_members_share_is_refused_in_one_line(study_fil
     body = '[search]\n"model.hidden" = [16, 32]\n"train.lr" = [0.01, 0.001]\n'
     path = study_file(body if where == "--population" else "[study]\npopulation = 2\n" + body)
     flag = ["--population", "2"] if where == "--population" else []
-    r = hpo_cli("run", path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", *flag, "--device", "cpu")
+    r = hpo_main("run", path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", *flag, "--device", "cpu")
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "hpo: population 2 (--population or [study] population): the search space varies model.hidden, which the "
         "members of a population share; use --population 1"]
@@ -111,7 +111,7 @@ def test_the_automatic_size_is_one_on_a_cpu_and_what_free_memory_holds_on_cuda(m
 
 
 def test_a_negative_population_is_refused_in_one_line(study_file, tmp_path):
-    r = hpo_cli("run", study_file(), "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--population", "-1")
+    r = hpo_main("run", study_file(), "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--population", "-1")
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "hpo: --population must be 0 (automatic) or a number of trials, got -1"]
     assert not (tmp_path / "study.db").exists()

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import hpo_cli
+from conftest import hpo_cli, hpo_main
 
 from hpo import load_study
-from hpo.recipe.pipeline import PIPELINE_ATTR, STAGES, pipeline
+from hpo.recipe.pipeline import STAGES, pipeline
 from hpo.study.reads import read_study
+from hpo.study.records import PIPELINE_ATTR
 from hpo.workers.slots import Options
-from hpo.workers.worker import run_study
 
 STUDY = """augment = "flip-shift"
 [study]
@@ -66,13 +66,16 @@ def test_the_pipeline_runs_every_stage_once_and_sums_up(study_file, tmp_path):
     assert len(read_study(url, "small").trials()) == 8
 
 
-def test_a_pipeline_goes_on_from_a_search_another_command_finished(study_file, tmp_path):
-    """The search stage of a study that already holds its N trials trains nothing; the later stages run."""
-    path, url = study_file(STUDY), f"sqlite:///{tmp_path / 'p.db'}"
-    cfg = load_study(path)
-    opts = Options(storage=url, device="cpu", out=str(tmp_path / "runs"), artifacts=str(tmp_path / "art"))
-    run_study(cfg, opts, quiet=True)
+def test_a_pipeline_goes_on_from_a_search_another_command_finished(finished_study, tmp_path):
+    """The search stage of a study that already holds its N trials trains nothing; the later stages run
+    (the gate too: `hpo run` passed it, so it returns at once)."""
+    folder, path, url = finished_study
+    edited = tmp_path / "small.toml"  # a shorter [retrain] than its defaults: not part of the study's identity
+    edited.write_text(path.read_text() + "\n[retrain]\nepochs = 2\ntop = 2\n")
+    cfg = load_study(edited)
+    opts = Options(storage=url, device="cpu", out=str(tmp_path / "runs"), artifacts=str(folder / "art"))
     before = [t.number for t in read_study(url, "small").trials()]
+    assert len(before) == cfg.study.n_trials
     result = pipeline(cfg, opts, tmp_path / "out", quiet=True)
     assert [t.number for t in read_study(url, "small").trials()] == before
     assert result.final.from_trial in before and result.report.is_file() and (tmp_path / "out" / "explore").is_dir()
@@ -86,6 +89,6 @@ def test_a_pipeline_goes_on_from_a_search_another_command_finished(study_file, t
 ])
 def test_bad_pipeline_options_are_one_line_and_write_nothing(study_file, tmp_path, args, message):
     url = f"sqlite:///{tmp_path / 'p.db'}"
-    r = hpo_cli("pipeline", study_file(STUDY), "--storage", url, "--device", "cpu", *args)
+    r = hpo_main("pipeline", study_file(STUDY), "--storage", url, "--device", "cpu", *args)
     assert r.returncode == 2 and r.stderr.strip().endswith(message), r.stderr
     assert not (tmp_path / "p.db").exists() or not optuna.get_all_study_names(url)

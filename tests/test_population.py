@@ -20,10 +20,18 @@ CPU = torch.device("cpu")
 REL = 1e-3  # float32 rounding apart (other matmul kernels), grown over a few epochs of training
 
 
+VAL_IMAGES = 1000  # the tolerance on val acc is two of them (with 200, one would be 0.005)
+
+
 @pytest.fixture(scope="module")
 def splits():
-    # 1,000 val images: the tolerance of 0.002 val acc is two of them (with 200, one is 0.005)
-    return training_splits(synthetic(per_class=200), DataConfig(train_size=1000, val_size=1000, subset_size=300), CPU)
+    return training_splits(synthetic(per_class=200), DataConfig(train_size=1000, val_size=VAL_IMAGES, subset_size=300),
+                           CPU)
+
+
+def images_apart(a: float, b: float) -> int:
+    """How many val images two val accs differ by (0.237 - 0.235 is 0.0020000000000000018 in floats)."""
+    return round(abs(a - b) * VAL_IMAGES)
 
 
 def solo(splits, model: ModelConfig, cfg: TrainConfig, augment: str = "none", on_epoch=None) -> FitResult:
@@ -58,7 +66,7 @@ def test_each_member_is_its_solo_run(splits, model, optimizer):
         alone = solo(splits, model, cfg, augment)
         assert [s.epoch for s in got.history] == [1, 2, 3, 4, 5] and got.stop == alone.stop == Stop.COMPLETED
         for a, b in zip(alone.history, got.history, strict=True):
-            assert abs(a.val_acc - b.val_acc) <= 0.002, (cfg, a, b)
+            assert images_apart(a.val_acc, b.val_acc) <= 2, (cfg, a, b)
             assert b.loss == pytest.approx(a.loss, rel=rel / 5) and b.val_loss == pytest.approx(a.val_loss, rel=rel)
             assert b.lr == a.lr and b.acc == pytest.approx(a.acc, abs=0.01)
         assert got.best_epoch == alone.best_epoch
@@ -115,7 +123,7 @@ def assert_same_run(got: FitResult | list, alone: FitResult) -> None:
     history = got.history if isinstance(got, FitResult) else got
     assert [s.epoch for s in history] == [s.epoch for s in alone.history]
     for a, b in zip(alone.history, history, strict=True):
-        assert abs(a.val_acc - b.val_acc) <= 0.002 and b.loss == pytest.approx(a.loss, rel=REL) and b.lr == a.lr
+        assert images_apart(a.val_acc, b.val_acc) <= 2 and b.loss == pytest.approx(a.loss, rel=REL) and b.lr == a.lr
 
 
 CUT = [TrainConfig(epochs=5, batch_size=32, step_size=2, gamma=0.5),
@@ -155,7 +163,13 @@ def test_a_solo_run_cut_short_goes_on_inside_a_population(splits, tmp_path, cfg)
                      load_checkpoint(tmp_path / "best.pt"))
     run_out(population)
     assert_same_run(population.result(1), solo(splits, model, cfg, "recipe"))
-    assert_same_run(population.result(0), solo(splits, model, other.train))
+    # The member beside it trains as it does without the newcomer, to the bit. (Against its solo run,
+    # float32 rounding apart, test_each_member_is_its_solo_run; here at epoch 1, half trained, a few val
+    # images sit on the boundary and the rounding of another CPU's kernels moves them.)
+    undisturbed = Population(model, cfg.optimizer, [other, other], splits)
+    run_out(undisturbed)
+    numbers = lambda r: [dataclasses.replace(s, seconds=0.0) for s in r.history]  # noqa: E731
+    assert numbers(population.result(0)) == numbers(undisturbed.result(0))
 
 
 def test_a_member_cut_after_its_last_epoch_does_not_train_again(splits):

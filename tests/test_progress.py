@@ -23,8 +23,10 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 import hpo.study.progress
 from hpo.config.study_file import load_study
 from hpo.storages.rdb import open_storage
-from hpo.study.handle import TARGET_ATTR, StudyHandle
+from hpo.storages.retries import Liveness
+from hpo.study.handle import StudyHandle
 from hpo.study.progress import Progress, trial_line
+from hpo.study.records import TARGET_ATTR
 
 # Anything the watcher thread raises besides the StorageError it handles is a failure, not a warning.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -64,7 +66,7 @@ def failed(lr: float = 0.1) -> FrozenTrial:
 def make_handle(study_file, url: str, db_timeout: float = 0) -> StudyHandle:
     """A study of N = TARGET at ``url`` holding, from before, trial #0 (COMPLETE, 0.8125) and #1 (FAIL)."""
     cfg = load_study(study_file())
-    storage = open_storage(url, db_timeout=db_timeout)
+    storage = open_storage(url, liveness=Liveness(db_timeout=db_timeout))
     study = optuna.create_study(study_name=cfg.study.name, storage=storage, direction="maximize")
     study.set_user_attr(TARGET_ATTR, TARGET)
     study.add_trial(complete(0.8125, lr=3e-5))

@@ -11,12 +11,12 @@ import time
 
 import optuna
 import pytest
-from conftest import FULL_DATA, hpo_cli
+from conftest import FULL_DATA, hpo_cli, hpo_main
 from optuna.trial import TrialState
 
 from hpo.storages.remote import parse
 from hpo.storages.retries import StorageError
-from hpo.study.handle import REQUEUE_ATTR, RETRY_ATTR
+from hpo.study.records import TrialRecord
 
 SHORT = """augment = "none"
 [study]
@@ -121,7 +121,7 @@ def test_a_killed_worker_s_trial_is_failed_by_the_proxy_and_run_again(study_file
     by_state = {s: [t for t in trials(postgres_url) if t.state == s] for s in TrialState}
     assert [t.number for t in by_state[TrialState.FAIL]] == [killed] and not by_state[TrialState.RUNNING]
     (retry,) = by_state[TrialState.COMPLETE]
-    assert retry.user_attrs[RETRY_ATTR] == killed and retry.user_attrs["resumed_from_epoch"] >= 1
+    assert TrialRecord.of(retry).retry_of == killed and TrialRecord.of(retry).resumed_from_epoch >= 1
 
 
 def test_an_interrupted_worker_s_trial_is_queued_again_by_the_proxy(study_file, postgres_url, hpo_proxy, tmp_path):
@@ -135,10 +135,10 @@ def test_an_interrupted_worker_s_trial_is_queued_again_by_the_proxy(study_file, 
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=60) == 130
     (failed,) = [t for t in trials(postgres_url) if t.state == TrialState.FAIL]
-    assert failed.user_attrs[REQUEUE_ATTR] is True
+    assert TrialRecord.of(failed).requeue is True
     until(lambda: [t for t in trials(postgres_url) if t.state == TrialState.WAITING], timeout=10)
     (queued,) = [t for t in trials(postgres_url) if t.state == TrialState.WAITING]
-    assert queued.user_attrs[RETRY_ATTR] == failed.number and REQUEUE_ATTR not in queued.user_attrs
+    assert TrialRecord.of(queued).retry_of == failed.number and "requeue" not in queued.user_attrs
     assert queued.params == failed.params
 
 
@@ -161,6 +161,18 @@ def test_workers_ride_out_a_database_outage_and_a_proxy_restart(study_file, post
     assert [t.state for t in trials(postgres_url)] == [TrialState.COMPLETE] * 2
 
 
+
+def test_a_proxy_whose_database_is_down_stops_when_told(postgres_url, hpo_proxy, proxy):
+    """A supervisor's SIGTERM ends it in seconds, not once its keeper gave up waiting for the database
+    (--db-timeout, 300 s)."""
+    served = hpo_proxy(database=postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    proxy.cut()
+    time.sleep(3)  # the keeper's pass now waits for the database
+    since = time.monotonic()
+    served.proc.terminate()
+    assert served.proc.wait(timeout=60) == 130
+    assert time.monotonic() - since < 15, time.monotonic() - since
+
 @pytest.mark.parametrize("url", ["grpc://", "grpc://host:notaport", "grpc://host:13000/db", "grpc://host:0"])
 def test_a_malformed_proxy_url_is_refused_in_one_line(url):
     with pytest.raises(StorageError, match="not a proxy URL; use grpc://HOST:PORT"):
@@ -174,6 +186,6 @@ def test_bad_proxy_input_is_one_line_and_exit_2(postgres_url, hpo_proxy, study_f
              ("proxy", "--storage", postgres_url, "--port", str(taken.port)): "cannot listen there",
              ("best", study_file(SHORT), "--storage", "grpc://127.0.0.1:1"): "no storage proxy answers there"}
     for args, message in cases.items():
-        r = hpo_cli(*args)
+        r = hpo_main(*args)
         lines = [line for line in r.stderr.splitlines() if line.startswith("hpo: ")]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)

@@ -12,33 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pytest
-from conftest import hpo_cli
+from conftest import TRAINED_STUDY, hpo_cli, hpo_main
 
 from hpo.engine.checkpoints import load_checkpoint
 from hpo.engine.data import synthetic
-
-STUDY = """augment = "none"
-[study]
-n_trials = 4
-[train]
-epochs = 3
-[search]
-"train.lr" = [0.01, 0.003, 0.001]
-"train.batch_size" = [32, 64]
-"""
-
-
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory):
-    """A small finished study in a SQLite file, as `hpo run` leaves it (gate included)."""
-    tmp = tmp_path_factory.mktemp("study")
-    path = tmp / "small.toml"
-    path.write_text(STUDY + '\n[data]\npath = "synthetic"\ntrain_size = 600\nval_size = 200\nsubset_size = 300\n')
-    url = f"sqlite:///{tmp / 'study.db'}"
-    r = hpo_cli("run", path, "--storage", url, "--device", "cpu", "--out", tmp / "runs", "--artifacts", tmp / "art")
-    assert r.returncode == 0, r.stderr
-    return tmp, path, url
 
 
 def test_explore_reports_the_recipe_s_numbers(tmp_path):
@@ -83,8 +60,8 @@ def test_retrain_without_a_completed_trial_is_one_line(study_file, tmp_path):
     from hpo.study.identity import open_study
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    open_study(load_study(study_file(STUDY)), url, create=True)  # an hpo study with no trial yet
-    r = hpo_cli("retrain", "--study", "small", "--storage", url, "--device", "cpu", "--out", tmp_path / "r")
+    open_study(load_study(study_file(TRAINED_STUDY)), url, create=True)  # an hpo study with no trial yet
+    r = hpo_main("retrain", "--study", "small", "--storage", url, "--device", "cpu", "--out", tmp_path / "r")
     assert r.returncode == 2, r.stderr
     assert r.stderr == ("hpo: study 'small' has no completed trial to retrain yet; finish some with `hpo run` "
                         "first\n")

@@ -15,9 +15,10 @@ from hpo.config.study_file import load_study
 from hpo.engine.records import Stop, TrainingDiverged
 from hpo.engine.runs import RunSummary
 from hpo.files import WriteError
-from hpo.study.handle import RETRY_ATTR, StudyHandle
+from hpo.study.handle import StudyHandle
 from hpo.study.identity import open_study
 from hpo.study.queue import pop_waiting, set_target, top_up
+from hpo.study.records import TrialRecord
 from hpo.workers.runner import Attempt, Outcome, run_trial, tell
 
 SEARCH = '[search]\n"train.lr" = [0.01, 0.001]\n'
@@ -89,7 +90,7 @@ def test_a_failure_not_of_the_trial_s_making_queues_it_again_and_stops_the_worke
     with pytest.raises(type(error)):
         run_trial(handle, trial, objective)
     assert told(handle).state == TrialState.FAIL
-    (retry,) = [t for t in handle.trials((TrialState.WAITING,)) if t.user_attrs.get(RETRY_ATTR) == trial.number]
+    (retry,) = [t for t in handle.trials((TrialState.WAITING,)) if TrialRecord.of(t).retry_of == trial.number]
     assert retry.params == told(handle).params  # the same slot, to resume from its checkpoint
     assert Outcome.of_error(error) == outcome
 

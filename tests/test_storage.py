@@ -7,7 +7,7 @@ import time
 
 import optuna
 import pytest
-from conftest import FULL_DATA, hpo_cli
+from conftest import FULL_DATA, hpo_cli, hpo_main
 from optuna.trial import TrialState
 
 from hpo.storages.retries import mask
@@ -91,8 +91,8 @@ def test_a_worker_gives_up_after_the_limit_with_one_line(study_file, postgres_ur
     ("mysql+mysqldb://root:hunter2@127.0.0.1:3306/test", "driver is not installed (MySQLdb)"),
 ])
 def test_bad_storage_urls_are_one_line_exit_2(study_file, tmp_path, url, message):
-    r = hpo_cli("run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu", "--out", tmp_path / "r",
-                cwd=tmp_path)
+    r = hpo_main("run", study_file(TRIALS, data=FULL_DATA), "--storage", url, "--device", "cpu",
+                 "--out", tmp_path / "r", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert "hunter2" not in r.stderr + r.stdout and "wrong-password" not in r.stderr + r.stdout

@@ -46,7 +46,7 @@ from sqlalchemy import event
 
 import hpo.storages.rdb as hs
 from hpo.storages.locks import study_lock
-from hpo.storages.retries import DatabaseError, StorageError, mask
+from hpo.storages.retries import DatabaseError, Liveness, StorageError, mask
 
 MAXIMIZE = [StudyDirection.MAXIMIZE]
 WRITES = ("INSERT", "UPDATE", "DELETE")
@@ -55,7 +55,7 @@ PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 class StorageSupplier(contextlib.AbstractContextManager):
-    """A fresh storage of one kind, opened by ``open_storage(url, **kwargs)``, as in Optuna's
+    """A fresh storage of one kind, opened by ``open_storage(url, liveness=Liveness(**kwargs))``, as in Optuna's
     optuna/testing/storages.py: ``with StorageSupplier("mysql", tmp_path, db_timeout=10) as storage``.
     ``.url`` is the storage's URL; with ``cuttable`` it reaches the server through ``.proxy``, a CutProxy."""
 
@@ -70,7 +70,7 @@ class StorageSupplier(contextlib.AbstractContextManager):
             self.proxy = CutProxy((server.host, server.port or PORTS[self.kind]))
             self.stack.callback(self.proxy.close)
             self.url = server.set(host="127.0.0.1", port=self.proxy.port).render_as_string(hide_password=False)
-        storage = hs.open_storage(self.url, **self.kwargs)
+        storage = hs.open_storage(self.url, liveness=Liveness(**self.kwargs))
         self.stack.callback(storage.engine.dispose)  # before the database is dropped
         return storage
 
@@ -141,7 +141,7 @@ class InThread:
 def sqlite_storage(tmp_path, monkeypatch, db_timeout: float = 0) -> hs.ResilientRDBStorage:
     """A storage on a SQLite file whose writers give up on a held lock after 2 s, not 60 s."""
     monkeypatch.setattr(hs, "SQLITE_BUSY_TIMEOUT", 2)
-    return hs.open_storage(f"sqlite:///{tmp_path / 'study.db'}", db_timeout=db_timeout)
+    return hs.open_storage(f"sqlite:///{tmp_path / 'study.db'}", liveness=Liveness(db_timeout=db_timeout))
 
 
 def transactions(storage: hs.ResilientRDBStorage, call: Callable[[], object]) -> list[list[str]]:
@@ -280,7 +280,7 @@ def test_a_read_only_sqlite_file_fails_at_once(tmp_path):
     path = tmp_path / "study.db"
     study_id = hs.open_storage(f"sqlite:///{path}").create_new_study(MAXIMIZE, "s")
     url = f"sqlite:///file:{path}?mode=ro&uri=true"
-    storage = hs.open_storage(url, db_timeout=10)
+    storage = hs.open_storage(url, liveness=Liveness(db_timeout=10))
     assert storage.get_study_user_attrs(study_id) == {}  # reading is fine
     t0 = time.monotonic()
     with pytest.raises(StorageError) as info:
@@ -319,7 +319,7 @@ def test_a_lock_timeout_is_not_a_lost_connection(kind, hold, call, words, tmp_pa
     supplier = StorageSupplier(kind, tmp_path)
     with supplier as other:
         url = supplier.url + LIMITS[kind]
-        storage = hs.open_storage(url, db_timeout=10)
+        storage = hs.open_storage(url, liveness=Liveness(db_timeout=10))
         study_id = storage.create_new_study(MAXIMIZE, "s")
         with other.engine.connect() as conn:
             conn.exec_driver_sql(hold)  # held until the connection's transaction ends
@@ -409,7 +409,7 @@ HOLD = 0.05  # seconds a turn holds the lock: long against a database call
 def take_turns(url: str, start: Barrier, turns: int) -> list[tuple[float, float, float]]:
     """A worker process: ``turns`` times, under the study lock, read the study's count, pause, and write it
     plus one (updates are lost unless the lock excludes the other); returns (asked, entered, left) of each."""
-    storage = hs.open_storage(url, db_timeout=10)
+    storage = hs.open_storage(url, liveness=Liveness(db_timeout=10))
     study_id = storage.get_study_id_from_name("s")
     start.wait(timeout=30)
     times = []
@@ -491,7 +491,7 @@ def test_a_lock_wait_the_server_ends_is_an_error_never_the_lock(kind, tmp_path):
     supplier = StorageSupplier(kind, tmp_path)
     entered = False
     with supplier as storage, study_lock(storage, "s"):
-        impatient = hs.open_storage(supplier.url + LIMITS[kind], db_timeout=10)
+        impatient = hs.open_storage(supplier.url + LIMITS[kind], liveness=Liveness(db_timeout=10))
         with pytest.raises(DatabaseError) as info, study_lock(impatient, "s"):
             entered = True
         impatient.engine.dispose()
@@ -514,7 +514,7 @@ def reap(url: str, start: Barrier) -> list[tuple[int, str]]:
                                                       distributions=trial.distributions,
                                                       user_attrs={"retry_of": trial.number}))
 
-    storage = hs.open_storage(url, requeue, heartbeat=1, grace=1, db_timeout=10)
+    storage = hs.open_storage(url, requeue, Liveness(heartbeat=1, grace=2, db_timeout=10))
     study = optuna.load_study(study_name="s", storage=storage)
     start.wait(timeout=30)
     hs.fail_stale_trials(study)
@@ -524,7 +524,7 @@ def reap(url: str, start: Barrier) -> list[tuple[int, str]]:
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask without optimize, on purpose
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_trial_silent_past_the_grace_period_is_failed_and_queued_again_once(kind, tmp_path):
-    supplier = StorageSupplier(kind, tmp_path, heartbeat=1, grace=1, db_timeout=10)
+    supplier = StorageSupplier(kind, tmp_path, heartbeat=1, grace=2, db_timeout=10)
     with supplier as storage:
         study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
         silent, beating = (study.ask({"x": FloatDistribution(0, 1)}) for _ in range(2))
@@ -537,7 +537,7 @@ def test_a_trial_silent_past_the_grace_period_is_failed_and_queued_again_once(ki
             stale = storage._get_stale_trial_ids(study._study_id)
             assert beating._trial_id not in stale
             time.sleep(0.1)
-        assert time.monotonic() - since > 1  # not before the grace period
+        assert time.monotonic() - since > 2  # not before the grace period
         storage.set_trial_state_values(beating._trial_id, TrialState.COMPLETE, [0.5])
         start = FORK.Barrier(2)
         with forked((reap, supplier.url, start), (reap, supplier.url, start)) as seen:
@@ -552,18 +552,30 @@ def test_a_trial_silent_past_the_grace_period_is_failed_and_queued_again_once(ki
 # one new database at the same instant all succeed.
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"heartbeat": 0}, "heartbeat must be a positive integer (seconds), got 0"),
-    ({"grace": -30}, "grace must be a positive integer (seconds), got -30"),
-    ({"grace": 2.5}, "grace must be a positive integer (seconds), got 2.5"),
-    ({"db_timeout": -1}, "db_timeout must be a finite number of seconds, 0 or more, got -1"),
-    ({"db_timeout": math.inf}, "db_timeout must be a finite number of seconds, 0 or more, got inf"),
-    ({"db_timeout": math.nan}, "db_timeout must be a finite number of seconds, 0 or more, got nan"),
+    ({"heartbeat": 0}, "--heartbeat must be a positive integer (seconds), got 0"),
+    ({"grace": -30}, "--grace must be a positive integer (seconds), got -30"),
+    ({"grace": 2.5}, "--grace must be a positive integer (seconds), got 2.5"),
+    ({"heartbeat": True}, "--heartbeat must be a positive integer (seconds), got True"),
+    ({"heartbeat": 10, "grace": 10}, "--grace (10s) must be longer than --heartbeat (10s)"),
+    ({"db_timeout": -1}, "--db-timeout must be 0 (give up at once) or more seconds, got -1"),
+    ({"db_timeout": math.inf}, "--db-timeout must be 0 (give up at once) or more seconds, got inf"),
+    ({"db_timeout": math.nan}, "--db-timeout must be 0 (give up at once) or more seconds, got nan"),
 ])
 def test_bad_settings_are_value_errors_before_anything_is_opened(tmp_path, kwargs, message):
     with pytest.raises(ValueError) as info:
-        hs.open_storage(f"sqlite:///{tmp_path / 'study.db'}", **kwargs)
+        hs.open_storage(f"sqlite:///{tmp_path / 'study.db'}", liveness=Liveness(**kwargs))
     assert str(info.value) == message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("grace, message", [(1, "--grace must be 2 or more seconds, got 1"),
+                                            (3.0, "--grace must be 2 or more seconds, got 3.0")])
+def test_a_proxy_looks_for_silent_trials_more_often_than_its_grace_period(grace, message):
+    assert Liveness.watching(2) == Liveness(heartbeat=1, grace=2)
+    assert Liveness.watching(300, 7) == Liveness(heartbeat=10, grace=300, db_timeout=7)
+    with pytest.raises(ValueError) as info:
+        Liveness.watching(grace)
+    assert str(info.value) == message
 
 
 def test_a_pickled_storage_keeps_its_sqlite_settings(tmp_path, monkeypatch):

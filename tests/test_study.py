@@ -9,23 +9,17 @@ import time
 
 import optuna
 import pytest
-from conftest import first_checkpoint, hpo_cli, hpo_main
+from conftest import TRAINED_STUDY, first_checkpoint, hpo_cli, hpo_main
 from optuna.trial import TrialState
 
 from hpo.config.study_file import load_study
-from hpo.study.handle import DRAW_ATTR, StudyError
+from hpo.study.handle import StudyError
 from hpo.study.identity import open_study
 from hpo.study.queue import draw
+from hpo.study.records import TrialRecord
+from hpo.workers.slots import Options
 
-SEARCH = """augment = "none"
-[study]
-n_trials = 4
-[train]
-epochs = 1
-[search]
-"train.lr" = [0.01, 0.003, 0.001]
-"train.batch_size" = [32, 64]
-"""
+SEARCH = TRAINED_STUDY.replace("epochs = 3", "epochs = 1")  # 4 trials of the grid lr x batch size, an epoch each
 
 
 def trials(url: str, name: str = "small") -> list[optuna.trial.FrozenTrial]:
@@ -53,9 +47,9 @@ def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n,
     assert states(storage_url) == {"COMPLETE": n}
     done = trials(storage_url)
     assert sorted(t.number for t in done) == list(range(n))  # no duplicate, none missing
-    assert sorted(t.user_attrs[DRAW_ATTR] for t in done) == list(range(n))  # each queued slot ran once
+    assert sorted(TrialRecord.of(t).draw for t in done) == list(range(n))  # each queued slot ran once
     cfg = load_study(path)
-    assert all(t.params == draw(cfg, t.user_attrs[DRAW_ATTR]) for t in done)  # seeded per slot
+    assert all(t.params == draw(cfg, TrialRecord.of(t).draw) for t in done)  # seeded per slot
     assert len({t.user_attrs["hostname"] for t in done}) == 1 and all(len(t.user_attrs["history"]) == 1 for t in done)
     summary = json.loads(r.stdout.splitlines()[-1])
     assert summary["finished"] == n and summary["value"] == max(t.value for t in done)
@@ -85,7 +79,7 @@ def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_
 
     before = param_rows()
     trial, _ = pop_waiting(handle)
-    assert suggest(trial, cfg) == draw(cfg, trial.user_attrs[DRAW_ATTR])
+    assert suggest(trial, cfg) == draw(cfg, TrialRecord.of(trial).draw)
     assert param_rows() == before == 3 * len(cfg.search)  # read back, not written again
     engine.dispose()
 
@@ -189,7 +183,7 @@ def test_ctrl_c_queues_the_trial_again_and_a_rerun_resumes_it(study_file, tmp_pa
     assert sorted(t.params["train.lr"] for t in done) == [0.0001, 0.001, 0.01]  # no grid point lost
     retries = [t for t in done if t.user_attrs.get("retry_of") in {f.number for f in failed}]
     assert len(retries) == population and any(t.user_attrs["resumed_from_epoch"] >= 1 for t in retries)
-    assert all([h["epoch"] for h in t.user_attrs["history"]] == list(range(1, 101)) for t in retries)
+    assert all([h["epoch"] for h in t.user_attrs["history"]] == list(range(1, 41)) for t in retries)
 
 
 def test_a_study_name_with_another_config_is_refused(study_file, tmp_path):
@@ -217,6 +211,17 @@ def test_bad_run_options(study_file, tmp_path, args, message):
     assert not (tmp_path / "hpo.db").exists() or not trials(f"sqlite:///{tmp_path / 'hpo.db'}")
 
 
+
+@pytest.mark.parametrize("fields, message", [
+    ({"checkpoint_every": float("nan")}, "--checkpoint-every must be 0 (every epoch) or more seconds, got nan"),
+    ({"max_failures": 0}, "--max-failures must be a positive integer, got 0"),
+    ({"population": -2}, "--population must be 0 (automatic) or a number of trials, got -2"),
+])
+def test_options_made_by_a_script_check_themselves_as_the_cli_does(fields, message):
+    with pytest.raises(ValueError) as info:
+        Options(storage="sqlite:///x.db", **fields)
+    assert str(info.value) == message
+    assert Options(storage="sqlite:///x.db", population=0, max_failures=1, checkpoint_every=0).population == 0
 WORKER = """
 import json, sys
 from hpo import load_study, open_study
@@ -244,7 +249,7 @@ def test_eight_workers_a_hundred_trials_on_postgresql(study_file, postgres_url):
     done = trials(postgres_url)
     assert sum(ran) == 100 and len(done) == 100 and all(t.state == TrialState.COMPLETE for t in done)
     assert sorted(t.number for t in done) == list(range(100))
-    assert sorted(t.user_attrs[DRAW_ATTR] for t in done) == list(range(100))
+    assert sorted(TrialRecord.of(t).draw for t in done) == list(range(100))
 
 
 def _dump(url: str, name: str) -> list:
@@ -256,7 +261,8 @@ def _dump(url: str, name: str) -> list:
 
 
 def test_read_only_commands_use_the_study_s_own_config(study_file, tmp_path):
-    """The README's flow: run with --param, then best/report on the same file (or by name) read the study."""
+    """The README's flow: run with --param, then best/report on the same file (or by name) read the study.
+    (The read-only commands in this process: that they load no torch is test_layout's.)"""
     storage_url = f"sqlite:///{tmp_path / 'study.db'}"  # the config is the study's, on any storage
     path = study_file(SEARCH)
     common = ["--storage", storage_url]
@@ -264,22 +270,22 @@ def test_read_only_commands_use_the_study_s_own_config(study_file, tmp_path):
                 "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     before = _dump(storage_url, "small")
-    best = hpo_cli("best", path, *common, "--json")  # the file says epochs = 1, the study 2
+    best = hpo_main("best", path, *common, "--json")  # the file says epochs = 1, the study 2
     assert best.returncode == 0, best.stderr
-    by_name = hpo_cli("best", "--study", "small", *common, "--json")
+    by_name = hpo_main("best", "--study", "small", *common, "--json")
     assert by_name.returncode == 0 and by_name.stdout == best.stdout, by_name.stderr
     assert json.loads(best.stdout.splitlines()[-1])["epochs_run"] == 2
-    report = hpo_cli("report", "--study", "small", *common, "--out", tmp_path / "report.html")
+    report = hpo_main("report", "--study", "small", *common, "--out", tmp_path / "report.html")
     assert report.returncode == 0 and (tmp_path / "report.html").is_file(), report.stderr
     assert _dump(storage_url, "small") == before  # read-only: nothing written
 
-    r = hpo_cli("run", path, *common, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r")
+    r = hpo_main("run", path, *common, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "train.epochs: 2 in the study, 1 in the file" in r.stderr
-    missing = hpo_cli("best", "--study", "other", *common)
+    missing = hpo_main("best", "--study", "other", *common)
     assert missing.returncode == 2 and "no study 'other'" in missing.stderr and "'small'" in missing.stderr
     assert "study.name" not in missing.stderr  # a read-only command never asks for a rename
-    unnamed = hpo_cli("best", *common)
+    unnamed = hpo_main("best", *common)
     assert unnamed.returncode == 2 and "--study NAME" in unnamed.stderr
 
 
@@ -296,7 +302,7 @@ def test_a_foreign_study_is_refused_and_left_as_it_was(study_file, tmp_path, dir
                      ["report", path, "--out", tmp_path / "report.html"],
                      ["retrain", path, "--device", "cpu", "--out", tmp_path / "r"]]
     for command in commands:
-        r = hpo_cli(*command, "--storage", storage_url)
+        r = hpo_main(*command, "--storage", storage_url)
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (command, r.stderr)
         assert "not made by hpo" in r.stderr or "direction MINIMIZE" in r.stderr, (command, r.stderr)
         assert _dump(storage_url, "small") == before, command
@@ -341,7 +347,7 @@ GRID = """augment = "none"
 sampler = "grid"
 n_trials = 3
 [train]
-epochs = 100
+epochs = 40
 [search]
 "train.lr" = [0.01, 0.001, 0.0001]
 """

@@ -55,15 +55,16 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(study_file, stor
         results = json.loads((Path(retry.user_attrs["run_dir"]) / "results.json").read_text())
         assert [h["epoch"] for h in results["history"]] == list(range(1, 61))
     assert max(resumed) >= 5 and min(resumed) >= 1  # went on from the last epoch checkpoint, not from scratch
-    print(f"killed trial(s) {killed} at epoch >= 5; the retries resumed from epochs {resumed}")
+    print(f"killed trial(s) {killed} at epoch >= 6; the retries resumed from epochs {resumed}")
 
 
 def _kill_mid_trial(common: list[str], url: str) -> None:
-    """SIGKILL an `hpo run` once a trial of it has reported 5 epochs."""
+    """SIGKILL an `hpo run` once a trial of it has reported 6 epochs: its epoch 5 is checkpointed by
+    then (an epoch is reported before its checkpoint is written, so at 5 reported it may not be yet)."""
     victim = subprocess.Popen([sys.executable, "-m", "hpo.cli", "run", *common], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not _running(url, 5):
+    while not _running(url, 6):
         assert time.time() < deadline and victim.poll() is None, victim.stderr.read()
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hpo.config.study_file import StudyConfig, apply_overrides, load_study, parse_override, validate
 from hpo.files import folder_name
 from hpo.workers.exits import EXIT_CHECKS_FAILED, UsageError
+
+T = TypeVar("T")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,28 +66,24 @@ def _positive(name: str, value: int | None) -> None:
         raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
-def _check_db_timeout(seconds: float) -> None:
-    if not 0 <= seconds < float("inf"):  # also NaN
-        raise UsageError(f"--db-timeout must be 0 (give up at once) or more seconds, got {seconds}")
+def _checked(make: Callable[..., T], **fields: Any) -> T:
+    """An options object, which checks itself: what is wrong is the user's, said in one line."""
+    try:
+        return make(**fields)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _options(args: argparse.Namespace):
+    from hpo.storages.retries import Liveness
     from hpo.workers.slots import Options
 
     _positive("--n-trials", args.n_trials)
     _device(args.device if args.device != "auto" else "cpu")  # an unknown name fails before anything starts
-    for flag in ("--heartbeat", "--grace", "--max-failures"):
-        _positive(flag, getattr(args, flag[2:].replace("-", "_")))
-    if (args.population or 0) < 0:
-        raise UsageError(f"--population must be 0 (automatic) or a number of trials, got {args.population}")
-    _check_db_timeout(args.db_timeout)
-    if args.grace <= args.heartbeat:
-        raise UsageError(f"--grace ({args.grace}s) must be longer than --heartbeat ({args.heartbeat}s)")
-    if not args.checkpoint_every >= 0:  # also NaN
-        raise UsageError(f"--checkpoint-every must be 0 (every epoch) or more seconds, got {args.checkpoint_every}")
-    return Options(storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
-                   skip_checks=args.skip_checks, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout,
-                   checkpoint_every=args.checkpoint_every, max_failures=args.max_failures, population=args.population)
+    liveness = _checked(Liveness, heartbeat=args.heartbeat, grace=args.grace, db_timeout=args.db_timeout)
+    return _checked(Options, storage=args.storage, device=args.device, out=args.out, artifacts=args.artifacts,
+                    skip_checks=args.skip_checks, liveness=liveness, checkpoint_every=args.checkpoint_every,
+                    max_failures=args.max_failures, population=args.population)
 
 
 def _print_best(handle, as_json: bool, extra: dict[str, Any] | None = None) -> int:
@@ -186,14 +185,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
+    from hpo.storages.retries import Liveness
     from hpo.workers.proxy import ProxyOptions, serve
 
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port must be a TCP port, 1 to 65535, got {args.port}")
-    _positive("--grace", args.grace)
-    _check_db_timeout(args.db_timeout)
-    serve(ProxyOptions(storage=args.storage, host=args.host, port=args.port, grace=args.grace,
-                       db_timeout=args.db_timeout))
+    liveness = _checked(Liveness.watching, grace=args.grace, db_timeout=args.db_timeout)
+    serve(_checked(ProxyOptions, storage=args.storage, host=args.host, port=args.port, liveness=liveness))
     return 0
 
 

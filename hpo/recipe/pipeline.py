@@ -22,13 +22,13 @@ from hpo.recipe.explore import explore
 from hpo.recipe.report import EpochBudget, epoch_budget, study_report
 from hpo.recipe.retrain import RetrainResult, retrain
 from hpo.study.handle import COUNTED, StudyHandle
+from hpo.study.records import StageRecord
 from hpo.workers.gate import gate
 from hpo.workers.runner import say
 from hpo.workers.slots import Options
 from hpo.workers.worker import prepare, run_study
 
 STAGES = ("explore", "gate", "search", "retrain", "report")
-PIPELINE_ATTR = "hpo:pipeline"  # + ":<stage>": a finished stage's wall seconds and what it depended on
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,15 @@ class PipelineResult:
 def _stage(handle: StudyHandle, name: str, run: Callable[[], object], inputs: Any, quiet: bool) -> Stage:
     """Run stage ``name`` unless the study records it as done with the same ``inputs`` (what it depends
     on: a larger N reruns the search and what follows it); record it when it finishes."""
-    attr = f"{PIPELINE_ATTR}:{name}"  # one attribute per stage: two calls at once cannot lose each other's
-    done = handle.study.user_attrs.get(attr)
-    if done is not None and done["inputs"] == inputs:
-        return Stage(name, done["seconds"], True)
+    done = StageRecord.read(handle.study, name)
+    if done is not None and done.inputs == inputs:
+        return Stage(name, done.seconds, True)
     if not quiet:
         say(f"pipeline: {name}")
     t0 = time.perf_counter()
     run()
     seconds = round(time.perf_counter() - t0, 1)
-    handle.study.set_user_attr(attr, {"seconds": seconds, "inputs": inputs})
+    StageRecord(seconds, inputs).write(handle.study, name)
     return Stage(name, seconds, False)
 
 

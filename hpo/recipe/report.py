@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from hpo.engine.records import Stop
 from hpo.files import atomic_write
-from hpo.study.handle import COUNTED, RETRAIN_ATTR, StudyHandle
+from hpo.study.handle import COUNTED, StudyHandle
+from hpo.study.records import RETRAIN_ATTR, GateRecord, TrialRecord
 
 if TYPE_CHECKING:  # plotly is imported where a figure is drawn: every worker imports hpo, none draws
     import plotly.graph_objects as go
@@ -70,7 +71,7 @@ def _timeline(trials: list[optuna.trial.FrozenTrial]) -> go.Figure:
     for state in sorted({t.state.name for t in trials}):
         rows = [t for t in trials if t.state.name == state]
         fig.add_bar(orientation="h", name=state, text=[f"#{t.number}" for t in rows],
-                    y=[t.user_attrs.get("worker", t.user_attrs.get("hostname", "?")) for t in rows],
+                    y=[(r := TrialRecord.of(t)).worker or r.hostname or "?" for t in rows],
                     base=[t.datetime_start.isoformat() for t in rows],
                     x=[(t.datetime_complete - t.datetime_start).total_seconds() * 1000 for t in rows])
     return fig.update_xaxes(type="date").update_layout(yaxis_title="worker (host:pid)", barmode="overlay")
@@ -96,11 +97,12 @@ def epoch_budget(handle: StudyHandle) -> EpochBudget:
     """What pruning (``[study] pruner``) and early stopping saved the study's finished trials."""
     budget = run = pruned = early = 0
     for t in handle.trials(COUNTED):
-        full, ran = int(t.params.get("train.epochs", handle.cfg.train.epochs)), int(t.user_attrs.get("epochs_run", 0))
+        r = TrialRecord.of(t)
+        full, ran = int(t.params.get("train.epochs", handle.cfg.train.epochs)), int(r.epochs_run or 0)
         budget, run = budget + full, run + ran
         if t.state == TrialState.PRUNED:
             pruned += full - ran
-        elif t.user_attrs.get("stop_reason") == Stop.EARLY_STOPPING.value:
+        elif r.stop_reason == Stop.EARLY_STOPPING.value:
             early += full - ran
     return EpochBudget(budget, run, pruned, early)
 
@@ -127,14 +129,14 @@ def study_report(handle: StudyHandle, path: Path) -> list[str]:
     done = handle.trials(COUNTED)
     curves = go.Figure()
     for t in done:
-        hist = t.user_attrs.get("history", [])
+        hist = TrialRecord.of(t).history
         curves.add_scatter(x=[h["epoch"] for h in hist], y=[h["loss"] for h in hist], mode="lines",
                            name=f"#{t.number} {_label(t)}")
     curves.update_layout(xaxis_title="epoch", yaxis_title="train loss")
     params = list(handle.cfg.search)[:2]
-    gates = [{"config": k[5:], "passed": v.get("passed"), "skipped": v.get("skipped"),
-              **{c["name"]: f"{'pass' if c['passed'] else 'FAIL'} ({c['value']})" for c in v.get("checks", [])}}
-             for k, v in study.user_attrs.items() if k.startswith("gate:")]
+    gates = [{"config": g.config_hash, "passed": g.passed, "skipped": g.skipped,
+              **{c["name"]: f"{'pass' if c['passed'] else 'FAIL'} ({c['value']})" for c in g.checks}}
+             for g in GateRecord.read_all(study)]
     ended = [t for t in handle.trials() if t.datetime_start and t.datetime_complete]
     sections: list[Section] = [
         ("Optimization history", _or_note(vis.plot_optimization_history, study)),

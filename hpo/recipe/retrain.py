@@ -18,8 +18,9 @@ from hpo.engine.models import build_model
 from hpo.engine.records import Stop
 from hpo.engine.runs import Result, train_run
 from hpo.files import store_artifact, write_json
-from hpo.study.handle import RETRAIN_ATTR, StudyError, StudyHandle
+from hpo.study.handle import StudyError, StudyHandle
 from hpo.study.reads import best_trials
+from hpo.study.records import RETRAIN_ATTR
 from hpo.workers.members import shareable, train_together
 
 

@@ -5,7 +5,6 @@ turn; ``open_storage`` opens one (or, for a grpc:// URL, a client of `hpo proxy`
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -20,11 +19,9 @@ from hpo.storages.owned import RDBShortcuts
 from hpo.storages.remote import GrpcStorage, open_grpc
 from hpo.storages.retries import (
     CONNECT_TIMEOUT,
-    DB_TIMEOUT,
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
     HEARTBEAT_KEY,
     SQLITE_BUSY_TIMEOUT,
+    Liveness,
     StorageError,
     mask,
     reason,
@@ -111,17 +108,12 @@ def _serialize_sqlite_writes(engine: sqlalchemy.Engine) -> None:
     engine.dispose()  # connections opened before the listeners existed must go
 
 
-def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: int = HEARTBEAT_INTERVAL,
-                 grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> ResilientRDBStorage | GrpcStorage:
+def open_storage(url: str, stale_callback: Callable | None = None,
+                 liveness: Liveness = Liveness()) -> ResilientRDBStorage | GrpcStorage:
     """An RDBStorage with heartbeats on; ``stale_callback(study, trial)`` sees trials of dead workers.
     A ``grpc://host:port`` URL gives a client of `hpo proxy` instead (hpo.storages.remote)."""
-    for name, value in (("heartbeat", heartbeat), ("grace", grace)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer (seconds), got {value!r}")
-    if not isinstance(db_timeout, (int, float)) or not 0 <= db_timeout < math.inf:  # NaN fails too
-        raise ValueError(f"db_timeout must be a finite number of seconds, 0 or more, got {db_timeout!r}")
     if url.startswith("grpc:"):
-        return open_grpc(url, heartbeat, grace, db_timeout)
+        return open_grpc(url, liveness)
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
@@ -135,7 +127,7 @@ def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: in
             # heartbeats are 'experimental' in Optuna, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = ResilientRDBStorage(
-                url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace,
+                url, engine_kwargs=kwargs, heartbeat_interval=liveness.heartbeat, grace_period=liveness.grace,
                 heartbeat_stale_trial_callback=stale_callback)
     except ImportError as e:  # Optuna re-raises the driver's ModuleNotFoundError as a bare ImportError
         missing = getattr(e.__cause__ or e, "name", None) or parsed.get_driver_name()
@@ -145,7 +137,7 @@ def open_storage(url: str, stale_callback: Callable | None = None, heartbeat: in
         raise StorageError(f"--storage {mask(url)}: cannot open the database: {reason(unwrapped(e), url)}") from None
     if sqlite:
         _serialize_sqlite_writes(storage.engine)
-    storage.db_timeout = db_timeout  # set after opening: a bad URL must fail at once, not retry
+    storage.db_timeout = liveness.db_timeout  # set after opening: a bad URL must fail at once, not retry
     return storage
 
 

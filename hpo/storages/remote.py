@@ -30,7 +30,7 @@ import grpc  # noqa: E402
 import optuna
 
 from hpo.storages.owned import OwnedTrials
-from hpo.storages.retries import CONNECT_TIMEOUT, HEARTBEAT_KEY, DatabaseError, StorageError, with_backoff
+from hpo.storages.retries import CONNECT_TIMEOUT, HEARTBEAT_KEY, DatabaseError, Liveness, StorageError, with_backoff
 
 QUEUE_KEY = "hpo:queue"  # a study system attribute: the first WAITING trials' ids, as the proxy last saw them
 DEFAULT_PORT = 13000  # Optuna's run_grpc_proxy_server's
@@ -79,12 +79,13 @@ class GrpcStorage(OwnedTrials, _WaitingGrpcStorage):
 
     direct = False  # no database session: `hpo proxy` takes the study lock and keeps the queue
 
-    def __init__(self, url: str, heartbeat: int, grace: int, db_timeout: float) -> None:
+    def __init__(self, url: str, liveness: Liveness) -> None:
         host, port = parse(url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(host=host, port=port)
-        self.url, self.heartbeat_interval, self.grace_period, self.db_timeout = url, heartbeat, grace, db_timeout
+        self.url, self.heartbeat_interval, self.grace_period = url, liveness.heartbeat, liveness.grace
+        self.db_timeout = liveness.db_timeout
 
     def get_heartbeat_interval(self) -> int:
         return self.heartbeat_interval
@@ -103,9 +104,9 @@ class GrpcStorage(OwnedTrials, _WaitingGrpcStorage):
             self.set_trial_user_attr(trial_id, key, value)
 
 
-def open_grpc(url: str, heartbeat: int, grace: int, db_timeout: float) -> GrpcStorage:
+def open_grpc(url: str, liveness: Liveness) -> GrpcStorage:
     """A client of the proxy at ``url``, which must answer within CONNECT_TIMEOUT seconds."""
-    storage = GrpcStorage(url, heartbeat, grace, db_timeout)
+    storage = GrpcStorage(url, liveness)
     try:
         storage.wait_server_ready(timeout=CONNECT_TIMEOUT)
     except ConnectionError:

@@ -1,10 +1,13 @@
-"""What every storage here shares: the defaults, the errors a person can act on, URLs printed
-without passwords, and retrying a call while the database connection is lost."""
+"""What every storage here shares: the defaults and how live a worker must stay (Liveness), the errors
+a person can act on, URLs printed without passwords, and retrying a call while the database
+connection is lost."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import optuna
@@ -24,6 +27,35 @@ CHECKPOINT_EVERY = 10.0  # seconds between a trial's checkpoint writes; a retry 
 # A trial system attribute that stands for a heartbeat where no heartbeat call exists (Optuna's gRPC
 # proxy, hpo.storages.remote): the storage records a heartbeat instead of storing it.
 HEARTBEAT_KEY = "hpo:heartbeat"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How a storage tells a live worker from a dead one, and how long a call waits for a lost
+    database. Checked once, here, whoever makes it (the CLI from its flags, a script); the messages
+    name the flags."""
+
+    heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
+    grace: int = GRACE_PERIOD  # a RUNNING trial silent this long belongs to a dead worker
+    db_timeout: float = DB_TIMEOUT  # seconds a call keeps retrying a lost database before it gives up
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--heartbeat", self.heartbeat), ("--grace", self.grace)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer (seconds), got {value!r}")
+        timeout = self.db_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:  # NaN too
+            raise ValueError(f"--db-timeout must be 0 (give up at once) or more seconds, got {timeout!r}")
+        if self.grace <= self.heartbeat:  # a live worker's trial would be failed between two beats
+            raise ValueError(f"--grace ({self.grace}s) must be longer than --heartbeat ({self.heartbeat}s)")
+
+    @classmethod
+    def watching(cls, grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> Liveness:
+        """What `hpo proxy` runs with: it beats for no trial, and looks for silent ones once a heartbeat
+        interval, kept below the grace period."""
+        if isinstance(grace, bool) or not isinstance(grace, int) or grace < 2:
+            raise ValueError(f"--grace must be 2 or more seconds, got {grace!r}")
+        return cls(min(HEARTBEAT_INTERVAL, grace - 1), grace, db_timeout)
 
 
 class StorageError(RuntimeError):

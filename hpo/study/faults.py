@@ -19,8 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.storages.rdb import fail_stale_trials
 from hpo.storages.retries import retry_lost_connection
-from hpo.study.handle import RETRY_ATTR, StudyHandle
+from hpo.study.handle import StudyHandle
 from hpo.study.queue import requeue
+from hpo.study.records import TrialRecord
 
 MIN_FAILURE_BUDGET = 10  # failed trials a small study may have before it stops; larger studies allow N
 SILENT_REASON = "RUNNING for more than {grace}s without a heartbeat (a client that sends none, such as `optuna ask`)"
@@ -32,7 +33,7 @@ class TooManyFailures(RuntimeError):
 
 def lost_slots(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The FAILED trials that no retry took over: failures of the trials' own making."""
-    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    retried = {TrialRecord.of(t).retry_of for t in trials}
     return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
 
 
@@ -44,7 +45,7 @@ def check_failure_budget(handle: StudyHandle, max_failures: int | None = None) -
     failed = lost_slots(handle.trials())
     if len(failed) < max_failures:
         return
-    last = "; ".join(f"trial {t.number}: {str(t.user_attrs.get('fail_reason', '?')).splitlines()[0][:120]}"
+    last = "; ".join(f"trial {t.number}: {str(TrialRecord.of(t).fail_reason or '?').splitlines()[0][:120]}"
                      for t in failed[-3:])
     raise TooManyFailures(f"study {handle.cfg.study.name!r} stopped: {len(failed)} trials failed, the failure "
                           f"budget (--max-failures {max_failures}); the last: {last}")
@@ -73,7 +74,7 @@ def reap(handle: StudyHandle) -> None:
            if t.datetime_start and (now - t.datetime_start).total_seconds() > grace]
     for trial_id in sorted(_without_heartbeat(storage, old)) if old else ():
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", SILENT_REASON.format(grace=grace))
+            storage.set_trial_user_attrs(trial_id, TrialRecord(fail_reason=SILENT_REASON.format(grace=grace)).attrs())
             if storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 requeue(storage, handle.study, storage.get_trial(trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:

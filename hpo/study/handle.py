@@ -1,4 +1,4 @@
-"""An open study, and the names of what hpo stores in it (study and trial attributes)."""
+"""An open study, with the storage it lives in and the config it runs."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo.config.study_file import StudyConfig
+from hpo.study.records import TARGET_ATTR
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what "N finished trials" counts
-TARGET_ATTR, CONFIG_ATTR, HASH_ATTR, DRAW_ATTR = "hpo:n_trials", "hpo:config", "hpo:config_hash", "hpo:draw"
-RETRY_ATTR = "retry_of"  # on a slot queued again: the number of the attempt it takes over from
-REQUEUE_ATTR = "requeue"  # on a failed attempt whose slot is to be queued again (not the trial's fault)
-RETRAIN_ATTR = "hpo:retrain"  # the study's last retrain: the report's subset-to-full table
 METRIC = "val_acc"  # what the study maximizes; its name is stored so that dashboards label their axes
 
 

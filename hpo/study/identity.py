@@ -12,9 +12,10 @@ import optuna
 from hpo.config.study_file import StudyConfig
 from hpo.storages.locks import study_lock
 from hpo.storages.rdb import open_storage
-from hpo.storages.retries import DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, mask
-from hpo.study.handle import CONFIG_ATTR, HASH_ATTR, METRIC, StudyError, StudyHandle
+from hpo.storages.retries import Liveness, mask
+from hpo.study.handle import METRIC, StudyError, StudyHandle
 from hpo.study.queue import requeue
+from hpo.study.records import CONFIG_ATTR, HASH_ATTR
 from hpo.study.samplers import make_pruner, make_sampler
 
 # What makes a study what it is: a config that differs in any of these would mix results.
@@ -64,12 +65,11 @@ def _refuse_foreign(study: optuna.Study, cfg: StudyConfig) -> None:
                          f"or set another [study] name (e.g. --param study.name={name}-2) rather than mix results")
 
 
-def open_study(cfg: StudyConfig, storage_url: str, create: bool, heartbeat: int = HEARTBEAT_INTERVAL,
-               grace: int = GRACE_PERIOD, db_timeout: float = DB_TIMEOUT) -> StudyHandle:
+def open_study(cfg: StudyConfig, storage_url: str, create: bool, liveness: Liveness = Liveness()) -> StudyHandle:
     """Create (``create``) or load the study named in ``cfg``, to run trials in. Refuses, and leaves
     as it is, a study that hpo did not make or that holds another config: results would be mixed."""
     holder: list = []
-    storage = open_storage(storage_url, lambda s, t: requeue(holder[0], s, t), heartbeat, grace, db_timeout)
+    storage = open_storage(storage_url, lambda s, t: requeue(holder[0], s, t), liveness)
     holder.append(storage)
     name = cfg.study.name
     with study_lock(storage, name):  # runs started at the same instant: one creates, the others join

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from hpo.storages.retries import StorageError
 from hpo.study.handle import COUNTED, StudyHandle
+from hpo.study.records import TrialRecord
 
 POLL = 1.0  # seconds between looks at the storage
 
@@ -21,12 +22,12 @@ def trial_line(t: FrozenTrial) -> str:
     """One line for a finished trial: number, state, value, params, where it stopped."""
     params = " ".join(f"{k.rpartition('.')[2]}={v:g}" if isinstance(v, float) else f"{k.rpartition('.')[2]}={v}"
                       for k, v in t.params.items())
+    r = TrialRecord.of(t)
     if t.state == TrialState.FAIL:
-        return f"trial {t.number:>3} FAIL      {params}  {t.user_attrs.get('fail_reason', '')}"
-    a = t.user_attrs
+        return f"trial {t.number:>3} FAIL      {params}  {r.fail_reason or ''}"
     value = "-" if t.value is None else f"{t.value:.4f}"  # a trial pruned before it reported has none
     return (f"trial {t.number:>3} {t.state.name:<9} val_acc {value}  {params}  best epoch "
-            f"{a.get('best_epoch')}/{a.get('epochs_run')} ({a.get('stop_reason')})  {a.get('seconds', 0):.1f}s")
+            f"{r.best_epoch}/{r.epochs_run} ({r.stop_reason})  {r.seconds or 0:.1f}s")
 
 
 class Progress:

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from hpo.config.study_file import StudyConfig
 from hpo.storages.locks import study_lock
-from hpo.study.handle import COUNTED, DRAW_ATTR, REQUEUE_ATTR, RETRY_ATTR, TARGET_ATTR, StudyError, StudyHandle
+from hpo.study.handle import COUNTED, StudyError, StudyHandle
+from hpo.study.records import TARGET_ATTR, TrialRecord, retry_attrs
 
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)  # what a top-up fills up to N
 POP_SPREAD = 8  # how many of the first WAITING trials a worker picks among
@@ -73,24 +74,24 @@ def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trial: opt
     """Queue a failed attempt's slot again with the same parameters, within the N cap (a dead worker's
     trial, an interrupted one). Its user attributes travel along, so the retry finds the attempt's
     run folder and resumes from its last checkpoint. Behind `hpo proxy`, the proxy does it (the
-    trial is marked REQUEUE_ATTR): False here."""
+    trial is marked ``requeue``): False here."""
     if not storage.direct:
         return False
     with study_lock(storage, study.study_name):
         live = len(study.get_trials(deepcopy=False, states=LIVE))
         if live >= int(study.user_attrs.get(TARGET_ATTR, 0)):
             return False
-        attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", REQUEUE_ATTR)}
-        _queue(study, trial.params, trial.distributions, attrs | {RETRY_ATTR: trial.number}, trial.intermediate_values)
+        _queue(study, trial.params, trial.distributions, retry_attrs(trial), trial.intermediate_values)
         return True
 
 
 def marked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """The failed attempts marked REQUEUE_ATTR whose slot no retry took over yet (a worker behind
+    """The failed attempts marked ``requeue`` whose slot no retry took over yet (a worker behind
     `hpo proxy` cannot queue it, or one died between telling and queueing)."""
-    taken = {t.user_attrs.get(RETRY_ATTR) for t in trials}
-    return [t for t in trials
-            if t.state == TrialState.FAIL and t.user_attrs.get(REQUEUE_ATTR) and t.number not in taken]
+    records = [TrialRecord.of(t) for t in trials]
+    taken = {r.retry_of for r in records}
+    return [t for t, r in zip(trials, records, strict=True)
+            if t.state == TrialState.FAIL and r.requeue and t.number not in taken]
 
 
 def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDistribution],
@@ -122,13 +123,13 @@ def top_up(handle: StudyHandle) -> int:
         return 0
     with study_lock(handle.storage, handle.cfg.study.name):
         trials = handle.trials()
-        drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
+        drawn = 1 + max((d for t in trials if (d := TrialRecord.of(t).draw) is not None), default=-1)
         slots = []
         for index in range(drawn, drawn + _room(trials, handle.target)):
             params = draw(handle.cfg, index)
             if params is None:  # the grid is used up
                 break
-            slots.append((params, {DRAW_ATTR: index}))
+            slots.append((params, TrialRecord(draw=index).attrs()))
         if slots:
             handle.storage.create_waiting_trials(handle.study._study_id, slots, distributions(handle.cfg))
         return len(slots)
@@ -151,12 +152,3 @@ def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker took and finished it
     return None
-
-
-def set_user_attrs(trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
-    """Several user attributes of ``trial`` in one round trip (``trial.set_user_attr`` commits each alone)."""
-    storage = getattr(trial.storage, "_backend", trial.storage)  # hpo's storage, under Optuna's trial cache
-    storage.set_trial_user_attrs(trial._trial_id, attrs)
-    trial._cached_frozen_trial.user_attrs.update(attrs)  # as trial.set_user_attr keeps it
-
-

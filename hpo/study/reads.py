@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from hpo.config.study_file import StudyConfig
 from hpo.storages.rdb import open_storage
 from hpo.storages.retries import StorageError, mask
-from hpo.study.handle import CONFIG_ATTR, StudyError, StudyHandle
+from hpo.study.handle import StudyError, StudyHandle
+from hpo.study.records import CONFIG_ATTR, TrialRecord
 
 
 def require_database(storage_url: str) -> None:
@@ -84,5 +85,6 @@ class TrialSummary:
 
 def summary(trial: optuna.trial.FrozenTrial) -> TrialSummary:
     """A finished trial, as hpo recorded it."""
-    kept = {f.name for f in dataclasses.fields(TrialSummary)} - {"number", "value", "params"}
-    return TrialSummary(trial.number, trial.value, trial.params, **{k: trial.user_attrs.get(k) for k in kept})
+    r = TrialRecord.of(trial)
+    return TrialSummary(trial.number, trial.value, trial.params, r.best_epoch, r.epochs_run, r.stop_reason,
+                        r.checkpoint_artifact, r.device, r.hostname, r.seconds)

@@ -3,9 +3,9 @@ recorded in the study, where optuna-dashboard shows them."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
-from typing import Any
 
 import optuna
 import torch
@@ -14,6 +14,7 @@ from hpo.config.study_file import StudyConfig
 from hpo.engine.checks import run_checks
 from hpo.engine.data import ImageData
 from hpo.engine.records import GateFailed
+from hpo.study.records import GateRecord
 
 
 def config_hash(cfg: StudyConfig) -> str:
@@ -22,22 +23,21 @@ def config_hash(cfg: StudyConfig) -> str:
 
 
 def gate(study: optuna.Study, cfg: StudyConfig, data: ImageData, device: torch.device,
-         skip: bool = False) -> dict[str, Any]:
+         skip: bool = False) -> GateRecord:
     """Run the checks once per config and study, recorded as the study user attribute
     ``gate:<config hash>`` (optuna-dashboard shows it). Raises GateFailed when a check fails."""
-    key = f"gate:{config_hash(cfg)}"
-    prior = study.user_attrs.get(key)
-    if prior and prior.get("passed"):
+    prior = GateRecord.read(study, config_hash(cfg))
+    if prior and prior.passed:
         return prior
-    record: dict[str, Any] = {"config_hash": key[5:], "host": platform.node(), "device": str(device),
-                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = GateRecord(config_hash(cfg), platform.node(), str(device), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if skip:
-        record.update(passed=None, skipped=True)
-        study.set_user_attr(key, record)
+        record = dataclasses.replace(record, skipped=True)
+        record.write(study)
         return record
     report = run_checks(cfg, data, device)
-    record.update(report.to_dict(), skipped=False)
-    study.set_user_attr(key, record)
+    record = dataclasses.replace(record, passed=report.passed, warnings=report.warnings,
+                                 checks=tuple(dataclasses.asdict(c) for c in report.checks))
+    record.write(study)
     if not report.passed:
         raise GateFailed(report)
     return record

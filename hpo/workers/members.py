@@ -35,6 +35,7 @@ from hpo.storages.retries import StorageError
 from hpo.study.faults import check_failure_budget
 from hpo.study.handle import StudyError, StudyHandle
 from hpo.study.queue import suggest
+from hpo.study.records import TrialRecord
 from hpo.workers.runner import Attempt, Outcome, say_dropped, tell
 from hpo.workers.slots import Idle, Options, claim, heartbeat, prune, record, take
 
@@ -92,7 +93,7 @@ class Seat:
 
 def _seat(handle: StudyHandle, trial: optuna.trial.Trial, device: torch.device, opts: Options) -> Seat:
     run_dir = claim(trial, str(device), opts.out, handle.cfg.study.name)
-    trial.set_user_attr("population", trial.user_attrs["worker"])  # the worker's population it trains in
+    TrialRecord(population=TrialRecord.of(trial).worker).write(trial)  # the worker's population it trains in
     cfg = handle.cfg.with_params(suggest(trial, handle.cfg))  # ConfigError: invalid parameters
     write_json(run_dir / "config.json", run_record(cfg, device))
     return Seat(trial, cfg, run_dir)

@@ -28,10 +28,11 @@ from optuna.trial import TrialState
 from hpo.config.study_file import StudyConfig
 from hpo.storages.rdb import ResilientRDBStorage, open_storage
 from hpo.storages.remote import QUEUE_KEY
-from hpo.storages.retries import DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL, StorageError, mask
+from hpo.storages.retries import Liveness, StorageError, mask
 from hpo.study.faults import reap
-from hpo.study.handle import CONFIG_ATTR, COUNTED, TARGET_ATTR, StudyHandle
+from hpo.study.handle import COUNTED, StudyHandle
 from hpo.study.queue import marked, requeue, top_up
+from hpo.study.records import CONFIG_ATTR, TARGET_ATTR
 from hpo.workers.exits import UsageError
 from hpo.workers.runner import say
 
@@ -49,8 +50,11 @@ class ProxyOptions:
     storage: str  # the database's URL (not grpc://)
     host: str = "127.0.0.1"  # the interface to listen on; 0.0.0.0 for other machines
     port: int = 13000  # Optuna's default
-    grace: int = GRACE_PERIOD  # a trial whose heartbeat is silent this long is failed and queued again
-    db_timeout: float = DB_TIMEOUT  # a call waits this long for a lost database before it fails
+    liveness: Liveness = Liveness.watching()  # its grace period and database timeout (Liveness.watching)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be a TCP port, 1 to 65535, got {self.port}")
 
 
 def keep(storage: ResilientRDBStorage, stop: threading.Event, every: float = KEEP_EVERY) -> None:
@@ -97,8 +101,7 @@ def serve(opts: ProxyOptions, ready: Callable[[str], None] | None = None) -> Non
         raise StorageError(f"--storage {opts.storage}: the proxy needs the database's own URL (e.g. "
                            "postgresql+psycopg://user@host/db), not another proxy's")
     holder: list[ResilientRDBStorage] = []
-    beat = max(1, min(HEARTBEAT_INTERVAL, opts.grace - 1))  # the workers beat at their own interval; unused here
-    storage = open_storage(opts.storage, lambda s, t: requeue(holder[0], s, t), beat, opts.grace, opts.db_timeout)
+    storage = open_storage(opts.storage, lambda s, t: requeue(holder[0], s, t), opts.liveness)
     holder.append(storage)
     # Optuna's make_server, but with SO_REUSEPORT off (gRPC's default is on): a second proxy on the
     # same port must fail, not share the clients with the first.
@@ -120,4 +123,6 @@ def serve(opts: ProxyOptions, ready: Callable[[str], None] | None = None) -> Non
     finally:
         stop.set()
         server.stop(grace=5).wait()
-        keeper.join()
+        # Not for longer: a keeper waiting out a lost database (--db-timeout) would hold the exit for
+        # minutes. Whatever it was writing rolls back with its connection, and its lock goes with it.
+        keeper.join(timeout=5)

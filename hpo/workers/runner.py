@@ -23,8 +23,9 @@ from hpo.engine.records import Stop, TrainingDiverged
 from hpo.engine.runs import RunSummary
 from hpo.files import WriteError
 from hpo.storages.retries import StorageError
-from hpo.study.handle import REQUEUE_ATTR, StudyHandle
-from hpo.study.queue import requeue, set_user_attrs
+from hpo.study.handle import StudyHandle
+from hpo.study.queue import requeue
+from hpo.study.records import TrialRecord
 
 
 class Outcome(Enum):
@@ -122,10 +123,10 @@ def tell(handle: StudyHandle, trial: optuna.trial.Trial, ended: Attempt) -> Outc
     and UpdateFinishedTrialError where the trial is no longer this worker's."""
     error = ended.error
     if error is None:
-        trial.set_user_attr("stop_reason", ended.outcome.value)
+        TrialRecord(stop_reason=ended.outcome.value).write(trial)
     else:  # marked for requeue first: whoever finds it failed and not yet queued again does it
         reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        set_user_attrs(trial, {"fail_reason": reason, **({REQUEUE_ATTR: True} if ended.outcome.requeued else {})})
+        TrialRecord(fail_reason=reason, requeue=ended.outcome.requeued).write(trial)
     handle.study.tell(trial, ended.value, state=ended.outcome.state)
     if ended.outcome.requeued:
         requeue(handle.storage, handle.study, handle.storage.get_trial(trial._trial_id))

@@ -6,8 +6,6 @@ heartbeats of the trials it runs, and each attempt's own run folder. Used by the
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,10 +18,11 @@ from optuna.trial import TrialState
 from hpo.engine.checkpoints import carry_over
 from hpo.engine.runs import RunSummary, new_run_dir
 from hpo.files import folder_name, store_artifact
-from hpo.storages.retries import CHECKPOINT_EVERY, DB_TIMEOUT, GRACE_PERIOD, HEARTBEAT_INTERVAL
+from hpo.storages.retries import CHECKPOINT_EVERY, Liveness
 from hpo.study.faults import reap
 from hpo.study.handle import COUNTED, StudyHandle
-from hpo.study.queue import pop_waiting, set_user_attrs, top_up
+from hpo.study.queue import pop_waiting, top_up
+from hpo.study.records import TrialRecord, claimed
 from hpo.workers.runner import say
 
 IDLE_POLL = 2.0  # seconds an idle worker waits while others still run (their trials may come back)
@@ -39,9 +38,7 @@ class Options:
     out: str = "runs"  # run directories, one per trial attempt
     artifacts: str = "hpo-artifacts"  # Optuna artifact store; shared storage for many machines
     skip_checks: bool = False
-    heartbeat: int = HEARTBEAT_INTERVAL  # seconds between a running trial's heartbeats
-    grace: int = GRACE_PERIOD  # a trial silent this long is failed and queued again
-    db_timeout: float = DB_TIMEOUT  # a worker that cannot reach the database this long exits
+    liveness: Liveness = Liveness()  # heartbeats, grace period, how long a lost database is waited for
     # Seconds between a trial's checkpoint writes: a retried trial redoes at most
     # this much. Writing every epoch costs more than a GPU epoch of the subset.
     checkpoint_every: float = CHECKPOINT_EVERY
@@ -50,6 +47,15 @@ class Options:
     max_failures: int | None = None
     # Trials trained together (hpo.workers.members); 0: automatic; None: the study file's [study] population.
     population: int | None = None
+
+    def __post_init__(self) -> None:
+        """Checked once, whoever makes it (the CLI from its flags, a script); the messages name the flags."""
+        if not self.checkpoint_every >= 0:  # NaN too
+            raise ValueError(f"--checkpoint-every must be 0 (every epoch) or more seconds, got {self.checkpoint_every}")
+        if self.max_failures is not None and self.max_failures < 1:
+            raise ValueError(f"--max-failures must be a positive integer, got {self.max_failures}")
+        if (self.population or 0) < 0:
+            raise ValueError(f"--population must be 0 (automatic) or a number of trials, got {self.population}")
 
 
 @contextlib.contextmanager
@@ -78,8 +84,7 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_ids: Callable[[], Itera
 def claim(trial: optuna.trial.Trial, device: str, out: str, name: str) -> Path:
     """Mark ``trial`` as this worker's (device, host, process) and give the attempt its run folder."""
     run_dir = attempt_dir(trial, Path(out) / folder_name(name), name)
-    set_user_attrs(trial, {"device": device, "hostname": platform.node(), "worker": f"{platform.node()}:{os.getpid()}",
-                           "run_dir": str(run_dir)})
+    claimed(device, str(run_dir)).write(trial)
     return run_dir
 
 
@@ -87,9 +92,9 @@ def record(trial: optuna.trial.Trial, summary: RunSummary, history: list[dict], 
     """A finished run's numbers as the trial's attributes, written once (the history is O(epochs)),
     its best checkpoint as the trial's artifact."""
     artifact = store_artifact(artifacts, summary.checkpoint, trial)
-    set_user_attrs(trial, {"history": history, "checkpoint_artifact": artifact,
-                           **{k: getattr(summary, k) for k in ("best_epoch", "epochs_run", "seconds",
-                                                               "resumed_from_epoch")}})
+    TrialRecord(history=tuple(history), checkpoint_artifact=artifact, best_epoch=summary.best_epoch,
+                epochs_run=summary.epochs_run, seconds=summary.seconds,
+                resumed_from_epoch=summary.resumed_from_epoch).write(trial)
 
 
 def prune(trial: optuna.trial.Trial, epoch: int, epochs: int) -> bool:
@@ -104,7 +109,7 @@ def attempt_dir(trial: optuna.trial.Trial, out: Path, name: str) -> Path:
     started can never write over the retry's files. A retry starts from the checkpoints of the
     attempt it takes over from (when this machine sees that folder: a shared filesystem)."""
     run_dir = new_run_dir(out, f"{name}-trial{trial.number}")
-    carry_over(Path(trial.user_attrs.get("run_dir") or run_dir), run_dir)
+    carry_over(Path(TrialRecord.of(trial).run_dir or run_dir), run_dir)
     return run_dir
 
 

@@ -111,8 +111,7 @@ def prepare(cfg: StudyConfig, opts: Options, n_trials: int | None, create: bool,
         check_target(cfg, target)
     opts = with_population(cfg, opts)
     data = data if data is not None else load_checked(cfg)
-    handle = open_study(cfg, opts.storage, create=create, heartbeat=opts.heartbeat, grace=opts.grace,
-                        db_timeout=opts.db_timeout)
+    handle = open_study(cfg, opts.storage, create=create, liveness=opts.liveness)
     if target:
         set_target(handle, target)
     return handle, opts, data
