@@ -21,7 +21,7 @@ from hpo.storages.rdb import fail_stale_trials
 from hpo.storages.retries import retry_lost_connection
 from hpo.study.handle import StudyHandle
 from hpo.study.queue import requeue
-from hpo.study.records import TrialRecord
+from hpo.study.records import RETRY_ATTR, TrialRecord
 
 MIN_FAILURE_BUDGET = 10  # failed trials a small study may have before it stops; larger studies allow N
 SILENT_REASON = "RUNNING for more than {grace}s without a heartbeat (a client that sends none, such as `optuna ask`)"
@@ -33,7 +33,7 @@ class TooManyFailures(RuntimeError):
 
 def lost_slots(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The FAILED trials that no retry took over: failures of the trials' own making."""
-    retried = {TrialRecord.of(t).retry_of for t in trials}
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
     return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried]
 
 

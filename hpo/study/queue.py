@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from hpo.config.study_file import StudyConfig
 from hpo.storages.locks import study_lock
 from hpo.study.handle import COUNTED, StudyError, StudyHandle
-from hpo.study.records import TARGET_ATTR, TrialRecord, retry_attrs
+from hpo.study.records import DRAW_ATTR, REQUEUE_ATTR, RETRY_ATTR, TARGET_ATTR, TrialRecord, retry_attrs
 
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)  # what a top-up fills up to N
 POP_SPREAD = 8  # how many of the first WAITING trials a worker picks among
@@ -88,10 +88,9 @@ def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trial: opt
 def marked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     """The failed attempts marked ``requeue`` whose slot no retry took over yet (a worker behind
     `hpo proxy` cannot queue it, or one died between telling and queueing)."""
-    records = [TrialRecord.of(t) for t in trials]
-    taken = {r.retry_of for r in records}
-    return [t for t, r in zip(trials, records, strict=True)
-            if t.state == TrialState.FAIL and r.requeue and t.number not in taken]
+    taken = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    return [t for t in trials
+            if t.state == TrialState.FAIL and t.user_attrs.get(REQUEUE_ATTR) and t.number not in taken]
 
 
 def _queue(study: optuna.Study, params: dict[str, Any], dists: dict[str, BaseDistribution],
@@ -123,7 +122,7 @@ def top_up(handle: StudyHandle) -> int:
         return 0
     with study_lock(handle.storage, handle.cfg.study.name):
         trials = handle.trials()
-        drawn = 1 + max((d for t in trials if (d := TrialRecord.of(t).draw) is not None), default=-1)
+        drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
         slots = []
         for index in range(drawn, drawn + _room(trials, handle.target)):
             params = draw(handle.cfg, index)

@@ -26,10 +26,11 @@ def gate(study: optuna.Study, cfg: StudyConfig, data: ImageData, device: torch.d
          skip: bool = False) -> GateRecord:
     """Run the checks once per config and study, recorded as the study user attribute
     ``gate:<config hash>`` (optuna-dashboard shows it). Raises GateFailed when a check fails."""
-    prior = GateRecord.read(study, config_hash(cfg))
+    key = config_hash(cfg)
+    prior = GateRecord.read(study, key)
     if prior and prior.passed:
         return prior
-    record = GateRecord(config_hash(cfg), platform.node(), str(device), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record = GateRecord(key, platform.node(), str(device), time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if skip:
         record = dataclasses.replace(record, skipped=True)
         record.write(study)
