@@ -66,7 +66,7 @@ def main() -> None:
         workers = make_augment(f.name, workers=2)
         in_workers = rate(lambda: [None for _ in workers.batches(split, 64, gen)], len(split), repeats=2)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(batch_norm=True)).to(device)  # the step alone: bs 64, batch norm, no augmentation
+    model = build_model(ModelConfig.mlp(batch_norm=True)).to(device)  # the step alone: bs 64, BN, no augmentation
     step = fit(model, TrainVal(split, split), TrainConfig(batch_size=64, epochs=2),
                make_augment("none")).train_samples_per_s
 

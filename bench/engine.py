@@ -96,7 +96,7 @@ def main() -> None:
             got = {"recipe": (ref["train_samples_per_s"], max(ref["val_acc"]))}
             for loop, graphs in loops.items():
                 torch.manual_seed(0)
-                model = build_model(ModelConfig(batch_norm=bn)).to(device)
+                model = build_model(ModelConfig.mlp(batch_norm=bn)).to(device)
                 ours = fit(model, TrainVal(train, val), cfg, make_augment(aug), cuda_graphs=graphs)
                 got[loop] = (ours.train_samples_per_s, ours.best_val_acc)
             for k, (rate, acc) in got.items():

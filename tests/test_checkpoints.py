@@ -19,10 +19,11 @@ from hpo.engine.checkpoints import (
     resume_history,
     save_checkpoint,
 )
-from hpo.engine.data import synthetic, training_splits
+from hpo.engine.data import training_splits
 from hpo.engine.loop import fit
 from hpo.engine.models import build_model
 from hpo.engine.records import CheckpointError
+from hpo.engine.sources import synthetic
 
 CPU = torch.device("cpu")
 
@@ -34,7 +35,7 @@ def splits():
 
 def run(splits, folder: Path, epochs: int = 4, hidden: int = 100):
     torch.manual_seed(0)
-    net = build_model(ModelConfig(hidden=hidden))
+    net = build_model(ModelConfig.mlp(hidden=hidden))
     return fit(net, splits, TrainConfig(epochs=epochs), make_augment("none"), None, Checkpoints(folder))
 
 

@@ -15,9 +15,10 @@ from torch import nn
 
 from hpo.config.study_file import load_study
 from hpo.engine.checks import run_checks
-from hpo.engine.data import make_splits, synthetic
+from hpo.engine.data import make_splits
 from hpo.engine.models import build_model
 from hpo.engine.records import GateFailed
+from hpo.engine.sources import synthetic
 from hpo.workers.gate import config_hash, gate
 
 CPU = torch.device("cpu")
@@ -59,7 +60,7 @@ def test_label_smoothing_and_adamw_pass(cfg, data):
 
 
 def test_wrong_output_size(cfg, data):
-    report = run_checks(cfg, data, CPU, model_fn=lambda: build_model(cfg.model, 3072, 9))
+    report = run_checks(cfg, data, CPU, model_fn=lambda: build_model(cfg.model, (3, 32, 32), 9))
     assert "output_shape" in failed(report) and not report.passed
 
 

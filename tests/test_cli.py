@@ -32,7 +32,7 @@ def test_train_prints_epochs_and_a_json_summary(study_file, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["history"]) == 3 and results["best_val_acc"] == summary["best_val_acc"]
     state = load_checkpoint(summary["checkpoint"])
-    assert state["epoch"] == summary["best_epoch"] and isinstance(state["model"]["0.weight"], torch.Tensor)
+    assert state["epoch"] == summary["best_epoch"] and isinstance(state["model"]["fc1.weight"], torch.Tensor)
 
 
 def test_bad_study_file_is_exit_2_with_one_line_per_problem(study_file, tmp_path):

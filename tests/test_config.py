@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo.config.schema import ConfigError
+from hpo.config.schema import ConfigError, ModelConfig
 from hpo.config.space import Categorical, Range
 from hpo.config.study_file import load_study, parse_override
 
@@ -18,7 +18,7 @@ def test_shipped_study_files_validate(path):
 
 def test_recipe_files_hold_the_recipe_settings():
     final = load_study("studies/recipe-final.toml")
-    assert (final.data.train_on, final.model.batch_norm, final.augment) == ("full", True, "recipe")
+    assert (final.data.train_on, final.model.kwargs["batch_norm"], final.augment) == ("full", True, "recipe")
     assert (final.train.lr, final.train.batch_size, final.train.epochs) == (0.001, 64, 100)
     assert (final.train.step_size, final.train.gamma, final.train.patience) == (20, 0.1, 10)
     search = load_study("studies/recipe-random-search.toml")
@@ -29,7 +29,7 @@ def test_recipe_files_hold_the_recipe_settings():
 
 def test_defaults_are_the_recipe_baseline(study_file):
     cfg = load_study(study_file())
-    assert (cfg.model.hidden, cfg.model.depth, cfg.model.batch_norm) == (100, 2, False)
+    assert cfg.model == ModelConfig("mlp", {"hidden": 100, "depth": 2, "batch_norm": False, "dropout": 0.0})
     assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == ("adam", 0.001, 32)
     assert cfg.augment == "none"
 
@@ -85,7 +85,8 @@ def test_overrides_are_typed_and_validated(study_file):
     overrides = dict(map(parse_override, ["train.lr=0.01", "model.batch_norm=false", "augment=recipe",
                                           "train.batch_size=64"]))
     cfg = load_study(study_file(), overrides)
-    assert (cfg.train.lr, cfg.model.batch_norm, cfg.augment, cfg.train.batch_size) == (0.01, False, "recipe", 64)
+    assert (cfg.train.lr, cfg.model.kwargs["batch_norm"], cfg.augment, cfg.train.batch_size) == (0.01, False, "recipe",
+                                                                                                 64)
     with pytest.raises(ConfigError, match="--param train.rate: unknown key"):
         load_study(study_file(), {"train.rate": 1})
     with pytest.raises(ConfigError, match="train.epochs: must be >= 1, got 0"):

@@ -1,74 +1,13 @@
-import os
-import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from hpo.config.schema import DataConfig
-from hpo.engine.data import cache_dir, load_data, make_splits, normalize, synthetic, to_device, training_splits
+from hpo.config.schema import ConfigError, DataConfig
+from hpo.config.study_file import load_study
+from hpo.engine.data import check_fits, from_arrays, make_splits, normalize, split_sizes, to_device, training_splits
 from hpo.engine.records import DataError
-
-
-def test_synthetic_has_cifar_shape():
-    d = synthetic()
-    assert d.train_x.shape == (1000, 32, 32, 3) and d.train_x.dtype == np.uint8
-    assert d.test_x.shape == (200, 32, 32, 3)
-    assert np.bincount(d.train_y).tolist() == [100] * 10 and len(d.classes) == 10
-
-
-def test_image_folder_loads_and_caches(image_folder):
-    d = load_data(str(image_folder))
-    assert d.classes == ("ant", "bee", "cow")
-    assert d.train_x.shape == (24, 32, 32, 3) and d.test_x.shape == (12, 32, 32, 3)
-    assert np.bincount(d.train_y).tolist() == [8, 8, 8]
-    from PIL import Image
-
-    assert (d.train_x[9] == np.asarray(Image.open(image_folder / "train" / "bee" / "1.png"))).all()
-    cached = list(cache_dir().glob("imagefolder-*.npz"))
-    assert len(cached) == 1
-    again = load_data(str(image_folder))
-    assert (again.train_x == d.train_x).all() and again.classes == d.classes
-    assert list(cache_dir().glob("imagefolder-*.npz")) == cached  # read back, not rebuilt
-
-    # A changed file is a new version of the folder: decoded again, never served stale.
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image_folder / "train" / "bee" / "1.png")
-    os.utime(image_folder / "train" / "bee" / "1.png", ns=(1, 1))
-    changed = load_data(str(image_folder))
-    assert (changed.train_x[9] == 0).all()
-    assert len(list(cache_dir().glob("imagefolder-*.npz"))) == 2
-
-
-def test_cifar_batches_layout(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
-        batch = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, 20))}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-    d = load_data(str(tmp_path))  # the folder holding cifar-10-batches-py works too
-    assert d.train_x.shape == (100, 32, 32, 3) and d.test_x.shape == (20, 32, 32, 3)
-    with open(folder / "data_batch_1", "rb") as f:
-        first = pickle.load(f)
-    # channel-major rows (R plane, G plane, B plane) become HWC pixels
-    assert (d.train_x[0, :, :, 1].ravel() == first["data"][0, 1024:2048]).all()
-    os.unlink(folder / "data_batch_3")
-    with pytest.raises(DataError, match="missing data_batch_3"):
-        load_data(str(folder))
-
-
-@pytest.mark.parametrize("source, message", [
-    ("/no/such/folder", "no such folder"),
-])
-def test_bad_sources_say_what_to_do(source, message):
-    with pytest.raises(DataError, match=message):
-        load_data(source)
-
-
-def test_folder_without_layout(tmp_path):
-    with pytest.raises(DataError, match="expected cifar-10-batches-py files or train/<class>/"):
-        load_data(str(tmp_path))
+from hpo.engine.sources import synthetic
 
 
 def test_splits_are_stratified_disjoint_and_seeded():
@@ -87,9 +26,45 @@ def test_splits_are_stratified_disjoint_and_seeded():
     assert not (other.val == s.val).all()
 
 
-def test_split_sizes_beyond_the_data_are_refused():
-    with pytest.raises(DataError, match="exceeds the 100 training images"):
-        make_splits(np.zeros(100, np.int64), DataConfig(train_size=80, val_size=30, subset_size=10))
+def test_split_sizes_beyond_the_data_are_refused_in_one_line_and_fractions_fit_small_data():
+    labels = np.repeat(np.arange(3), 33)  # 99 samples
+    with pytest.raises(DataError, match=r"^data.train_size \+ data.val_size = 80 \+ 30 exceeds the 99 training "
+                                        "samples; lower them, or give fractions"):
+        make_splits(labels, DataConfig(train_size=80, val_size=30, subset_size=10))
+    with pytest.raises(DataError, match="^data.subset_size = 50 exceeds data.train_size = 40"):
+        make_splits(labels, DataConfig(train_size=40, val_size=30, subset_size=50))
+    assert split_sizes(99, DataConfig(train_size=0.7, val_size=0.3, subset_size=0.5)) == (69, 30, 34)
+    assert split_sizes(5, DataConfig(train_size=0.7, val_size=0.3, subset_size=0.5)) == (4, 1, 2)  # rounding fits
+    s = make_splits(labels, DataConfig(train_size=0.8, val_size=0.2, subset_size=0.5))
+    assert (len(s.train), len(s.val), len(s.subset)) == (79, 20, 40) and not set(s.train) & set(s.val)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("train_size = 0", "data.train_size: must be a count >= 1 or a fraction in (0, 1), got 0"),
+    ("val_size = 1.5", "data.val_size: must be a count >= 1 or a fraction in (0, 1), got 1.5"),
+    ("subset_size = true", "data.subset_size: must be a count >= 1 or a fraction in (0, 1), got True"),
+])
+def test_a_split_size_is_a_count_or_a_fraction(tmp_path, body, expected):
+    path = tmp_path / "s.toml"
+    path.write_text(f"[data]\n{body}\n")
+    with pytest.raises(ConfigError) as e:
+        load_study(path)
+    assert e.value.problems == [expected]
+
+
+def test_float_features_stay_as_they_are_and_refuse_image_augmentations(study_file):
+    rng = np.random.default_rng(0)
+    data = from_arrays({"x_train": rng.normal(size=(60, 5)), "y_train": np.arange(60) % 3}, "features")
+    assert data.features and data.input_shape == (5,) and data.train_x.dtype == np.float32
+    split = to_device(data.train_x, data.train_y, torch.device("cpu"))
+    assert torch.equal(normalize(split.x), torch.from_numpy(data.train_x))  # no / 255
+    sizes = "[data]\npath = 'synthetic'\ntrain_size = 0.6\nval_size = 0.4\nsubset_size = 0.5\n"
+    check_fits(load_study(study_file("", data=sizes)), data)
+    with pytest.raises(DataError, match=r"""^augment 'recipe': the data is float features \[48, 5\], not images; """
+                                        'set augment = "none"$'):
+        check_fits(load_study(study_file('augment = "recipe"\n', data=sizes)), data)
+    with pytest.raises(DataError, match="^augment 'flip-shift': the data is float features"):
+        check_fits(load_study(study_file('[search]\naugment = ["none", "flip-shift"]\n', data=sizes)), data)
 
 
 def test_device_splits_stay_uint8_channels_first():
@@ -99,6 +74,6 @@ def test_device_splits_stay_uint8_channels_first():
     assert train.x.dtype == torch.uint8 and train.x.shape == (300, 3, 32, 32)
     split = to_device(d.train_x[:2], d.train_y[:2], torch.device("cpu"))
     assert (split.x[1, 2].numpy() == d.train_x[1, :, :, 2]).all()
-    flat = normalize(split.x)
-    assert flat.shape == (2, 3072) and flat.dtype == torch.float32
-    assert torch.allclose(flat[0, :1024], torch.from_numpy(d.train_x[0, :, :, 0]).flatten() / 255.0)
+    x = normalize(split.x)  # the shape stays: a model flattens it if it needs to
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x[0, 0], torch.from_numpy(d.train_x[0, :, :, 0]) / 255.0)

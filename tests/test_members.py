@@ -6,6 +6,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import hpo_cli, hpo_main
+from factories import tiny_cnn
 from optuna.trial import TrialState
 
 # lr 10 with weight decay 1 diverges (NaN); lr 10 alone and weight decay 1 alone learn nothing and
@@ -63,6 +64,17 @@ def test_a_space_that_varies_what_members_share_is_refused_in_one_line(study_fil
     assert not (tmp_path / "study.db").exists()
 
 
+def test_a_population_is_refused_for_a_model_it_cannot_stack(study_file, tmp_path):
+    """A conv net's layers are not what the population engine computes: refused, not passed over."""
+    path = study_file('[model]\nfamily = "factories:tiny_cnn"\n')
+    r = hpo_main("run", path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--population", "2", "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "hpo: population 2 (--population or [study] population) on model factories:tiny_cnn: a population stacks "
+        "only an nn.Sequential of Flatten, Linear, BatchNorm1d, ReLU, Dropout layers; this model has Conv2d, "
+        "MaxPool2d: use --population 1"]
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_members_of_one_population_have_their_own_dropout(study_file, tmp_path):
     """model.dropout is a member's own (hpo.engine.population): a space that varies it runs as one population,
     and each trial's best.pt is its solo model's, Dropout layers and all."""
@@ -81,33 +93,39 @@ def test_members_of_one_population_have_their_own_dropout(study_file, tmp_path):
     assert len({t.user_attrs["population"] for t in trials}) == 1
     for t in trials:
         best = torch.load(f"{t.user_attrs['run_dir']}/best.pt", weights_only=True)["model"]
-        build_model(ModelConfig(dropout=t.params["model.dropout"])).load_state_dict(best)  # strict
+        build_model(ModelConfig.mlp(dropout=t.params["model.dropout"])).load_state_dict(best)  # strict
 
 
-def test_the_automatic_size_is_one_on_a_cpu_and_what_free_memory_holds_on_cuda(monkeypatch):
-    """CI has no GPU: the free memory CUDA would report is given; the arithmetic is hpo's."""
+def test_the_automatic_size_is_one_until_measured_on_a_gpu_then_what_free_memory_holds(monkeypatch):
+    """CI has no GPU: the free memory CUDA would report is given; the arithmetic is hpo's. A population
+    is unmeasured on GPUs, so 0 picks 1 on CUDA too until AUTO_ON_CUDA is turned on."""
     import torch
 
     from hpo.config.study_file import load_study
+    from hpo.workers import members
     from hpo.workers.members import AUTO_CAP, auto_population, member_bytes
 
     cfg = load_study("studies/recipe-random-search.toml")
-    per = member_bytes(cfg, 3072, 10)
+    per = member_bytes(cfg, (3, 32, 32), 10)
     assert 1e6 < per < 1e8  # the recipe's MLP: 0.32 M weights and batches of at most 256 rows
-    assert member_bytes(cfg.with_params({"model.hidden": 400}), 3072, 10) > per
+    assert member_bytes(cfg.with_params({"model.hidden": 400}), (3, 32, 32), 10) > per
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * per, 80 * per))
-    assert auto_population(cfg, torch.device("cpu"), 3072, 10, 100) == 1
-    assert auto_population(cfg, gpu, 3072, 10, 100) == 20  # half the free memory
-    assert auto_population(cfg, gpu, 3072, 10, 5) == 5  # no more members than the study's trials
+    assert auto_population(cfg, gpu, (3, 32, 32), 10, 100) == 1  # unmeasured: one trial at a time
+    monkeypatch.setattr(members, "AUTO_ON_CUDA", True)
+    assert auto_population(cfg, torch.device("cpu"), (3, 32, 32), 10, 100) == 1
+    cnn = cfg.with_model(tiny_cnn)
+    assert auto_population(dataclasses.replace(cnn, search={}), gpu, (3, 32, 32), 10, 100) == 1  # cannot stack
+    assert auto_population(cfg, gpu, (3, 32, 32), 10, 100) == 20  # half the free memory
+    assert auto_population(cfg, gpu, (3, 32, 32), 10, 5) == 5  # no more members than the study's trials
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**6 * per, 10**6 * per))
-    assert auto_population(cfg, gpu, 3072, 10, 10**4) == AUTO_CAP
+    assert auto_population(cfg, gpu, (3, 32, 32), 10, 10**4) == AUTO_CAP
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per // 2, per))
-    assert auto_population(cfg, gpu, 3072, 10, 100) == 1
+    assert auto_population(cfg, gpu, (3, 32, 32), 10, 100) == 1
     from hpo.config import space
 
     varied = dataclasses.replace(cfg, search={**cfg.search, "model.hidden": space.Categorical((50, 100))})
-    assert auto_population(varied, gpu, 3072, 10, 100) == 1  # members could not share a population
+    assert auto_population(varied, gpu, (3, 32, 32), 10, 100) == 1  # members could not share a population
 
 
 def test_a_negative_population_is_refused_in_one_line(study_file, tmp_path):

@@ -10,11 +10,12 @@ import torch
 
 from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
 from hpo.engine.augment import make_augment
-from hpo.engine.data import synthetic, training_splits
+from hpo.engine.data import training_splits
 from hpo.engine.loop import fit
-from hpo.engine.models import build_model
+from hpo.engine.models import build_model, stackable
 from hpo.engine.population import Member, Population, fit_population
-from hpo.engine.records import FitResult, Stop, TrainingDiverged
+from hpo.engine.records import FitResult, ModelError, Stop, TrainingDiverged
+from hpo.engine.sources import synthetic
 
 CPU = torch.device("cpu")
 REL = 1e-3  # float32 rounding apart (other matmul kernels), grown over a few epochs of training
@@ -42,9 +43,9 @@ def solo(splits, model: ModelConfig, cfg: TrainConfig, augment: str = "none", on
 
 @pytest.mark.parametrize("model, optimizer", [
     (ModelConfig(), "adam"),
-    (ModelConfig(batch_norm=True), "adam"),
-    (ModelConfig(batch_norm=True, depth=3, hidden=64), "sgd"),
-    (ModelConfig(depth=1, hidden=64), "adamw"),  # with label smoothing, which members share
+    (ModelConfig.mlp(batch_norm=True), "adam"),
+    (ModelConfig.mlp(batch_norm=True, depth=3, hidden=64), "sgd"),
+    (ModelConfig.mlp(depth=1, hidden=64), "adamw"),  # with label smoothing, which members share
 ])
 def test_each_member_is_its_solo_run(splits, model, optimizer):
     """Members of different lr, batch size, weight decay, momentum, StepLR, seed and augmentation in one
@@ -61,7 +62,7 @@ def test_each_member_is_its_solo_run(splits, model, optimizer):
     # second moment, so a weight whose true gradient is zero (a bias before batch norm) takes
     # lr-sized steps from rounding noise, in either run; batch norm cancels them in training, and
     # eval sees them through the running mean. Everywhere else the runs agree to float32's rounding.
-    rel = 5e-2 if model.batch_norm and optimizer == "adam" else REL
+    rel = 5e-2 if model.kwargs["batch_norm"] and optimizer == "adam" else REL
     for cfg, augment, got in zip(cfgs, augments, together, strict=True):
         alone = solo(splits, model, cfg, augment)
         assert [s.epoch for s in got.history] == [1, 2, 3, 4, 5] and got.stop == alone.stop == Stop.COMPLETED
@@ -72,7 +73,7 @@ def test_each_member_is_its_solo_run(splits, model, optimizer):
         assert got.best_epoch == alone.best_epoch
 
 
-@pytest.mark.parametrize("model", [ModelConfig(), ModelConfig(batch_norm=True)])
+@pytest.mark.parametrize("model", [ModelConfig(), ModelConfig.mlp(batch_norm=True)])
 def test_the_best_weights_are_the_solo_run_s(splits, model):
     """As a solo model's state_dict (batch norm's running statistics included): best.pt as today."""
     cfg = TrainConfig(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
@@ -135,7 +136,7 @@ def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, 
     """Its checkpoint is a solo run's last.pt and best.pt: `hpo` resumes it wherever the retry runs."""
     from hpo.engine.checkpoints import Checkpoints, save_checkpoint
 
-    model = ModelConfig(batch_norm=True)
+    model = ModelConfig.mlp(batch_norm=True)
     neighbour = Member(dataclasses.replace(cfg, lr=cfg.lr / 2), make_augment("none"))
     population = Population(model, cfg.optimizer, [neighbour, Member(cfg, make_augment("recipe"))], splits)
     for _ in range(3):
@@ -153,7 +154,7 @@ def test_a_member_cut_short_goes_on_alone_as_the_unbroken_run(splits, tmp_path, 
 def test_a_solo_run_cut_short_goes_on_inside_a_population(splits, tmp_path, cfg):
     from hpo.engine.checkpoints import Checkpoints, load_checkpoint
 
-    model = ModelConfig(batch_norm=True)
+    model = ModelConfig.mlp(batch_norm=True)
     torch.manual_seed(cfg.seed)
     fit(build_model(model), splits, dataclasses.replace(cfg, epochs=2), make_augment("recipe"),
         checkpoints=Checkpoints(tmp_path))  # killed after epoch 2, as far as the files tell
@@ -206,7 +207,7 @@ def test_members_have_their_own_dropout_rate(splits):
     """A member without dropout stays its solo run beside members with it. A member with dropout
     keeps its solo model's state dict names (its Dropout layers shift them): its checkpoint goes on
     alone or in another population."""
-    model, cfg = ModelConfig(batch_norm=True), TrainConfig(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
+    model, cfg = ModelConfig.mlp(batch_norm=True), TrainConfig(optimizer="sgd", lr=0.05, epochs=3, batch_size=32)
     population = Population(model, "sgd", [Member(cfg, make_augment("none"), p) for p in (0.0, 0.5, 0.9)], splits)
     run_out(population)
     assert_same_run(population.result(0), solo(splits, model, cfg))
@@ -214,8 +215,24 @@ def test_members_have_their_own_dropout_rate(splits):
     assert all(a < b < c for a, b, c in zip(none, half, most, strict=True))  # more dropped, a higher train loss
     last, best = population.checkpoint(1)
     for saved in (last["model"], best["model"]):
-        build_model(dataclasses.replace(model, dropout=0.5)).load_state_dict(saved)  # strict: the solo names
+        build_model(ModelConfig.mlp(**{**model.kwargs, "dropout": 0.5})).load_state_dict(saved)  # strict: solo names
     again = Population(model, "sgd", [Member(cfg, make_augment("none"))] * 2, splits)
     again.admit(1, Member(cfg, make_augment("none"), 0.5), last, best)
     assert again.member_state(1).keys() == last["model"].keys()
     assert all(torch.equal(again.member_state(1)[n], v) for n, v in last["model"].items())
+
+
+def test_a_user_s_stack_of_linear_layers_trains_as_a_population_and_anything_else_is_refused(splits):
+    """A factory of Flatten, Linear, ReLU and Dropout stacks (its Dropout at its own rate); any other
+    layer, or a batch norm that is not torch's default, is refused by name."""
+    model = ModelConfig("factories:linear_stack", {"hidden": 64})
+    stackable(build_model(model))
+    cfg = TrainConfig(epochs=4)
+    results = fit_population(model, "adam", [Member(cfg, make_augment("none")),
+                                             Member(dataclasses.replace(cfg, seed=1), make_augment("none"))], splits)
+    assert all(isinstance(r, FitResult) and r.best_val_acc >= 0.9 for r in results)  # solo: 1.0 by epoch 3
+    with pytest.raises(ModelError, match="this model has Conv2d, MaxPool2d: use --population 1"):
+        Population(ModelConfig("factories:tiny_cnn", {"width": 4, "pool": True}), "adam",
+                   [Member(cfg, make_augment("none"))], splits)
+    with pytest.raises(ModelError, match=r"this model has BatchNorm1d\(momentum=0.5"):
+        stackable(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3, momentum=0.5)))

@@ -15,7 +15,7 @@ import optuna
 from conftest import TRAINED_STUDY, hpo_cli, hpo_main
 
 from hpo.engine.checkpoints import load_checkpoint
-from hpo.engine.data import synthetic
+from hpo.engine.sources import synthetic
 
 
 def test_explore_reports_the_recipe_s_numbers(tmp_path):

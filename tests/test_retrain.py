@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hpo import load_study
-from hpo.engine.data import synthetic
+from hpo.engine.sources import synthetic
 from hpo.recipe.retrain import retrain, spearman
 from hpo.study.identity import open_study
 from hpo.workers.members import shareable

@@ -13,19 +13,20 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hpo.config import space
-from hpo.config.schema import ConfigError, ModelConfig, TrainConfig
+from hpo.config.schema import ConfigError, MLPKeys, TrainConfig
 from hpo.config.space import Categorical, Range, SpaceError
-from hpo.config.study_file import _check_value, load_study
+from hpo.config.study_file import load_study
+from hpo.config.values import check_value
 
 
 def check_for(section: type, name: str) -> tuple[Any, space.Check]:
     """The key's type and the study file's own check of its values, as config hands them over."""
     f = {f.name: f for f in dataclasses.fields(section)}[name]
     hint = {"lr": float, "batch_size": int, "hidden": int, "optimizer": str}[name]
-    return hint, functools.partial(_check_value, f, hint)
+    return hint, functools.partial(check_value, f, hint)
 
 
-LR, BATCH, HIDDEN = check_for(TrainConfig, "lr"), check_for(TrainConfig, "batch_size"), check_for(ModelConfig, "hidden")
+LR, BATCH, HIDDEN = check_for(TrainConfig, "lr"), check_for(TrainConfig, "batch_size"), check_for(MLPKeys, "hidden")
 
 
 def create(spec: Any, key: tuple[Any, space.Check] = LR) -> space.Distribution:

@@ -358,7 +358,7 @@ def test_validation_comes_before_anything_is_written(study_file, tmp_path):
     common = ["--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r"]
     for args, message in ((["--n-trials", 4], "--n-trials 4: the grid has only 3 points"),
                           (["--data", tmp_path / "nowhere"], "no such folder"),
-                          (["--param", "data.train_size=1000"], "exceeds the 1000 training images"),
+                          (["--param", "data.train_size=1000"], "exceeds the 1000 training samples"),
                           (["--param", "model.hidden=1000000000000"], "model.hidden: must be <= 65536"),
                           (["--db-timeout", "-5"], "--db-timeout must be 0"),
                           (["--max-failures", "0"], "--max-failures must be a positive integer")):

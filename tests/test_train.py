@@ -7,10 +7,11 @@ from conftest import DEVICES, ON_CUDA
 from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
 from hpo.engine.augment import make_augment
 from hpo.engine.checkpoints import Checkpoints, load_checkpoint
-from hpo.engine.data import normalize, resolve_device, synthetic, training_splits
+from hpo.engine.data import normalize, resolve_device, training_splits
 from hpo.engine.loop import fit, make_optimizer
 from hpo.engine.models import build_model
 from hpo.engine.records import Stop, TrainingDiverged
+from hpo.engine.sources import synthetic
 
 CPU = torch.device("cpu")
 
@@ -53,11 +54,11 @@ def test_metrics_are_exact_means_over_samples(splits, tmp_path):
 
 
 def test_same_seed_same_run(splits):
-    a = run(splits, augment="recipe", model=ModelConfig(batch_norm=True))[1]
-    b = run(splits, augment="recipe", model=ModelConfig(batch_norm=True))[1]
+    a = run(splits, augment="recipe", model=ModelConfig.mlp(batch_norm=True))[1]
+    b = run(splits, augment="recipe", model=ModelConfig.mlp(batch_norm=True))[1]
     strip = lambda r: [dataclasses.replace(s, seconds=0) for s in r.history]  # noqa: E731
     assert strip(a) == strip(b)
-    c = run(splits, augment="recipe", model=ModelConfig(batch_norm=True), seed=1)[1]
+    c = run(splits, augment="recipe", model=ModelConfig.mlp(batch_norm=True), seed=1)[1]
     assert strip(a) != strip(c)
 
 
@@ -90,7 +91,7 @@ def test_the_best_epoch_is_what_the_model_ends_with(splits, tmp_path, files):
 
 def test_a_resumed_run_is_the_run_that_was_never_stopped(splits, tmp_path):
     """Killed after epoch 3 and resumed from last.pt, a run ends exactly as an unbroken one."""
-    cfg = dict(model=ModelConfig(batch_norm=True), augment="recipe", step_size=2, gamma=0.5)
+    cfg = dict(model=ModelConfig.mlp(batch_norm=True), augment="recipe", step_size=2, gamma=0.5)
 
     def go(folder, epochs):
         return run(splits, folder, cfg["augment"], cfg["model"], epochs=epochs, step_size=cfg["step_size"],
@@ -138,7 +139,7 @@ def test_divergence_is_an_error_not_a_result(splits):
     torch.manual_seed(0)
     net = build_model(ModelConfig()).to(splits.train.x.device)
     with torch.no_grad():
-        net[0].weight[0, 0] = float("inf")  # inf - inf in the logits: NaN loss
+        net.fc1.weight[0, 0] = float("inf")  # inf - inf in the logits: NaN loss
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         fit(net, splits, TrainConfig(epochs=3), make_augment("none"))
 
@@ -162,7 +163,7 @@ def test_cuda_graphs_train_as_eager_steps_do(tmp_path, monkeypatch, device, opti
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: replays.append(1) or replay(g))
     splits = training_splits(synthetic(), DataConfig(train_size=600, val_size=200, subset_size=300),
                              torch.device(device))
-    kw = dict(augment="recipe", model=ModelConfig(batch_norm=True), epochs=5, batch_size=32, step_size=2,
+    kw = dict(augment="recipe", model=ModelConfig.mlp(batch_norm=True), epochs=5, batch_size=32, step_size=2,
               gamma=0.5, optimizer=optimizer, lr=0.01)
     eager = run(splits, graphs=False, **kw)[1]
     assert not replays

@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from hpo.engine.checks import run_checks
-    from hpo.engine.data import load_data
+    from hpo.engine.sources import load_data
 
     cfg = _config(args)
     device = _device(args.device)
@@ -147,7 +147,7 @@ def _explore_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from hpo.engine.data import load_data
+    from hpo.engine.sources import load_data
     from hpo.recipe.explore import explore, explore_lines
 
     cfg = _explore_config(args)

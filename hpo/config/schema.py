@@ -3,6 +3,7 @@ each field takes (``metadata``) are checked by :mod:`hpo.config.study_file`, onc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,9 @@ def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fa
     return {"lo": lo, "hi": hi, "lo_open": lo_open}
 
 
+SIZE = {"size": True}  # a split size: a count >= 1, or a fraction in (0, 1)
+
+
 @dataclass(frozen=True)
 class StudySection:
     """``[study]``: how the search runs (used by ``hpo run``)."""
@@ -33,7 +37,7 @@ class StudySection:
     # Comparative pruning on top of early stopping (train.patience), which always applies.
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
     # Trials a worker trains together as one population (hpo.workers.members); --population overrides it.
-    # 0: automatic, 1 on a CPU, on CUDA from the free memory (hpo.workers.members.auto_population).
+    # 0: automatic, 1 until a population is measured beating solo trials on a GPU (hpo.workers.members.AUTO_ON_CUDA).
     population: int = field(default=0, metadata=_rng(0, 4096))
 
 
@@ -43,21 +47,51 @@ class DataConfig:
 
     path: str = "cifar10"  # "cifar10" (torchvision download), "synthetic", or a local folder
     train_on: Literal["subset", "full"] = "subset"  # the recipe experiments on a 5k subset
-    train_size: int = field(default=40_000, metadata=_rng(1))  # recipe: 40,000 train
-    val_size: int = field(default=10_000, metadata=_rng(1))  # recipe: 10,000 val
-    subset_size: int = field(default=5_000, metadata=_rng(1))  # drawn from the train split
+    # Each a count of samples, or a fraction (a float in (0, 1)) of the training samples (subset: of the train split).
+    train_size: int | float = field(default=40_000, metadata=SIZE)  # recipe: 40,000 train
+    val_size: int | float = field(default=10_000, metadata=SIZE)  # recipe: 10,000 val
+    subset_size: int | float = field(default=5_000, metadata=SIZE)  # drawn from the train split
     seed: int = 0  # shuffles before splitting: the JPEG copy is grouped by class
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """``[model]``: the recipe's MLP, 3072 -> hidden x depth -> classes."""
+class MLPKeys:
+    """``[model]`` of ``family = "mlp"``: the recipe's MLP, input -> hidden x depth -> classes."""
 
     # Bounded so that a typo (1e12) is a bad value, not an allocation failure mid-study.
     hidden: int = field(default=100, metadata=_rng(1, 65_536))  # recipe: H = 100
     depth: int = field(default=2, metadata=_rng(1, 64))  # hidden layers; recipe: 2
     batch_norm: bool = False  # the recipe adds it when regularizing
     dropout: float = field(default=0.0, metadata=_rng(0.0, 0.95))  # after each ReLU
+
+
+# The families hpo builds itself (hpo.engine.models), each with the dataclass of its [model] keys.
+BUILT_IN_FAMILIES: dict[str, type] = {"mlp": MLPKeys}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: which network (``family``) and its keyword arguments, every one filled in."""
+
+    # "mlp" (the recipe's), another built-in family, or a user's "package.module:factory" (hpo.config.families).
+    family: str = "mlp"
+    kwargs: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(MLPKeys()))
+
+    @classmethod
+    def mlp(cls, **keys: Any) -> ModelConfig:
+        """The recipe's MLP with these keys, the others at their defaults."""
+        return cls("mlp", dataclasses.asdict(MLPKeys(**keys)))
+
+    def keys(self) -> dict[str, Any]:
+        """``[model]`` as a study file writes it. The default family goes unwritten, so a study stored
+        before families keeps its identity (hpo.study.identity)."""
+        return {**({} if self.family == "mlp" else {"family": self.family}), **self.kwargs}
+
+    @classmethod
+    def from_keys(cls, keys: dict[str, Any]) -> ModelConfig:
+        """The inverse of :meth:`keys`, for a config that was validated when it was written."""
+        keys = dict(keys)
+        return cls(keys.pop("family", "mlp"), keys)
 
 
 @dataclass(frozen=True)

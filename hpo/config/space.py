@@ -67,6 +67,11 @@ class Distribution(ABC):
         """Plain data, as the study stores it (the config hash is taken over it: keep it stable)."""
         return dataclasses.asdict(self)
 
+    def spec(self) -> Any:
+        """As a study file's ``[search]`` writes it: a list of choices or a ``{low, high}`` table."""
+        d = self.to_dict()
+        return list(d["choices"]) if "choices" in d else d
+
 
 @dataclass(frozen=True)
 class Categorical(Distribution):

@@ -22,12 +22,12 @@ import functools
 import hashlib
 import json
 import tomllib
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from hpo.config import space
+from hpo.config import families, space
 from hpo.config.schema import (
     BUILT_IN_AUGMENTS,
     HYPERPARAMETER_SECTIONS,
@@ -40,6 +40,7 @@ from hpo.config.schema import (
     TrainConfig,
 )
 from hpo.config.space import Distribution
+from hpo.config.values import Key, check_value, section_keys
 from hpo.files import NAME_MAX, folder_name
 
 
@@ -59,6 +60,7 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON records (run directories, study attributes)."""
         out = dataclasses.asdict(self)
+        out["model"] = self.model.keys()
         out["search"] = {k: v.to_dict() for k, v in self.search.items()}
         return out
 
@@ -69,8 +71,9 @@ class StudyConfig:
         try:
             search = {k: space.from_dict(v) for k, v in d["search"].items()}
             # A section added since (retrain) takes its defaults in a study stored before it.
-            return cls(**{name: SECTIONS[name](**d.get(name, {})) for name in SECTIONS}, augment=d["augment"],
-                       search=search, source=d["source"])
+            sections = {name: SECTIONS[name](**d.get(name, {})) for name in SECTIONS if name != "model"}
+            return cls(**sections, model=ModelConfig.from_keys(d["model"]), augment=d["augment"], search=search,
+                       source=d["source"])
         except (KeyError, TypeError) as e:
             why = f"{type(e).__name__}: {e}"
             raise ConfigError([f"the study's stored config was written by another version of hpo ({why})"]) from None
@@ -85,48 +88,34 @@ class StudyConfig:
 
     def with_params(self, params: dict[str, Any]) -> StudyConfig:
         """This config with dotted keys set (a trial's sampled values), validated like the file."""
-        raw = {k: v for k, v in self.to_dict().items() if k not in ("search", "source", "retrain")}
-        raw["retrain"] = self.retrain.keys()  # as the file writes it: [train] keys at its top level
+        raw = self._raw()
+        del raw["search"]
         return dataclasses.replace(validate(apply_overrides(raw, params), Path(self.source)), search=self.search)
+
+    def with_model(self, factory: Callable[..., Any], **kwargs: Any) -> StudyConfig:
+        """This config with the user's model: ``factory(input_shape, num_classes, **kwargs)`` returns an
+        ``nn.Module``. It must be a module's top-level function, which spawned workers import by name;
+        ``kwargs`` are its ``[model]`` keys, the rest at the factory's defaults. ``model.*`` entries of
+        the search space must be keys of the new family."""
+        raw = self._raw()
+        raw["model"] = {"family": families.factory_reference(factory), **kwargs}
+        return validate(raw, Path(self.source))
+
+    def with_search(self, search: dict[str, Any]) -> StudyConfig:
+        """This config with more ``[search]`` entries (as the file writes them), validated like the file."""
+        raw = self._raw()
+        raw["search"] = {**raw["search"], **search}
+        return validate(raw, Path(self.source))
+
+    def _raw(self) -> dict[str, Any]:
+        """This config as the parsed study file it came from (validated already)."""
+        raw = {k: v for k, v in self.to_dict().items() if k not in ("source", "retrain")}
+        raw["retrain"] = self.retrain.keys()  # as the file writes it: [train] keys at its top level
+        raw["search"] = {k: v.spec() for k, v in self.search.items()}
+        return raw
 
 
 # --- validation ---------------------------------------------------------------------------
-
-
-def _check_value(f: dataclasses.Field, hint: Any, key: str, value: Any) -> tuple[Any, str | None]:
-    """Coerce ``value`` to the field's type; return (value, problem or None)."""
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            return value, f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}"
-        return value, None
-    if hint is bool:
-        if not isinstance(value, bool):
-            return value, f"{key}: must be true or false, got {value!r}"
-        return value, None
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return value, f"{key}: must be an integer, got {value!r}"
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return value, f"{key}: must be a number, got {value!r}"
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            return value, f"{key}: must be a finite number, got {value!r}"
-    elif hint is str and not isinstance(value, str):
-        return value, f"{key}: must be a string, got {value!r}"
-    lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-        return value, f"{key}: must be {bound}, got {value!r}"
-    if hi is not None and value > hi:
-        return value, f"{key}: must be <= {hi}, got {value!r}"
-    return value, None
-
-
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
 def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
@@ -134,10 +123,10 @@ def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{name}: must be a table ([{name}]), got {raw!r}")
         return cls()
-    fields, train_keys = _fields(cls), {}
+    fields, train_keys = section_keys(cls), {}
     if cls is RetrainSection:  # [retrain] also sets any other [train] key, for the full split
         del fields["train"]
-        train_keys = {k: v for k, v in _fields(TrainConfig).items() if k not in fields}
+        train_keys = {k: v for k, v in section_keys(TrainConfig).items() if k not in fields}
     values, train = {}, {}
     for key, value in raw.items():
         into = values if key in fields else train if key in train_keys else None
@@ -146,30 +135,38 @@ def _build_section(name: str, raw: Any, problems: list[str]) -> Any:
             problems.append(f"{name}.{key}: unknown key (known: {', '.join(fields)}{more})")
             continue
         f, hint = fields.get(key) or train_keys[key]
-        into[key], problem = _check_value(f, hint, f"{name}.{key}", value)
+        into[key], problem = check_value(f, hint, f"{name}.{key}", value)
         if problem:
             problems.append(problem)
     return cls(**values, train=train) if cls is RetrainSection else cls(**values)
 
 
-def _build_search(raw: Any, problems: list[str]) -> dict[str, Distribution]:
+def _build_search(raw: Any, model_keys: dict[str, Key] | None, problems: list[str]) -> dict[str, Distribution]:
     if not isinstance(raw, dict):
         problems.append(f"search: must be a table of dotted keys, got {raw!r}")
         return {}
     out: dict[str, Distribution] = {}
     for key, spec in raw.items():
         section, _, name = key.partition(".")
-        target = _fields(SECTIONS[section]).get(name) if section in HYPERPARAMETER_SECTIONS else None
+        target = section_keys(SECTIONS[section]).get(name) if section in HYPERPARAMETER_SECTIONS else None
+        if section == "model":  # the family's keys; any for a factory that takes **kwargs
+            target = (dataclasses.field(), _kind(spec)) if model_keys is None else model_keys.get(name)
         if key == "augment":  # augment names: each is checked when a trial uses it
             target = (dataclasses.field(), str)
         if target is None:
             problems.append(f"search.{key}: unknown hyperparameter (use a dotted name such as train.lr)")
             continue
         try:
-            out[key] = space.create(f"search.{key}", spec, target[1], functools.partial(_check_value, *target))
+            out[key] = space.create(f"search.{key}", spec, target[1], functools.partial(check_value, *target))
         except space.SpaceError as e:
             problems.extend(e.problems)
     return out
+
+
+def _kind(spec: Any) -> Any:
+    """The type of an unchecked key (a ``**kwargs`` factory's) that a range draws."""
+    ints = isinstance(spec, dict) and all(isinstance(spec.get(b), int) for b in ("low", "high"))
+    return int if ints else float if isinstance(spec, dict) else Any
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -192,8 +189,8 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         section, _, name = key.partition(".")
         if key == "augment":
             out["augment"] = value
-        elif section in SECTIONS and (name in _fields(SECTIONS[section]) or section == "retrain" and
-                                      name in _fields(TrainConfig)):
+        elif section == "model" and name or section in SECTIONS and (
+                name in section_keys(SECTIONS[section]) or section == "retrain" and name in section_keys(TrainConfig)):
             if isinstance(out.setdefault(section, {}), dict):  # else validate() reports the section
                 out[section][name] = value
         else:
@@ -236,16 +233,18 @@ def validate(raw: dict[str, Any], source: Path) -> StudyConfig:
     unknown = set(raw) - set(SECTIONS) - {"augment", "search"}
     known = ", ".join([*SECTIONS, "augment", "search"])
     problems += [f"{k}: unknown section (known: {known})" for k in sorted(unknown)]
-    sections = {name: _build_section(name, raw.get(name, {}), problems) for name in SECTIONS}
+    sections = {name: _build_section(name, raw.get(name, {}), problems) for name in SECTIONS if name != "model"}
+    sections["model"], model_keys = families.model_section(raw.get("model", {}), source.parent, problems)
     augment, problem = check_augment(raw.get("augment", "none"), source.parent)
     problems += [problem] if problem else []
     if sections["retrain"].augment:
         again, problem = check_augment(sections["retrain"].augment, source.parent)
         problems += [f"retrain.{problem}"] if problem else []
         sections["retrain"] = dataclasses.replace(sections["retrain"], augment=again)
-    search = _build_search(raw.get("search", {}), problems)
+    search = _build_search(raw.get("search", {}), model_keys, problems)
     data: DataConfig = sections["data"]
-    if data.subset_size > data.train_size:
+    sized = not any(p.startswith(("data.train_size", "data.subset_size")) for p in problems)
+    if sized and type(data.subset_size) is type(data.train_size) is int and data.subset_size > data.train_size:
         problems.append(f"data.subset_size: must be <= data.train_size ({data.train_size}), got {data.subset_size}")
     if sections["study"].sampler == "grid":
         problems += [f"search.{k}: the grid sampler needs a list of choices or an integer range, got {d.to_dict()}"

@@ -19,7 +19,7 @@ import torch
 
 from hpo.config.schema import BUILT_IN_AUGMENTS
 from hpo.config.study_file import load_pipeline
-from hpo.engine.data import DeviceSplit, normalize
+from hpo.engine.data import DeviceSplit, normalize, pixels
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # cv2.COLOR_RGB2GRAY, what ToGray uses
 SHIFT_LIMIT = 20  # RGBShift's default, in uint8 units
@@ -55,8 +55,10 @@ def _resize_matrix(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _colour_matrices(c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToGray's and the identity's, made once: a host-to-device copy per batch would be a wait."""
-    return torch.tensor(GRAY_WEIGHTS, device=device).expand(c, c), torch.eye(c, device=device)
+    """ToGray's and the identity's, made once: a host-to-device copy per batch would be a wait. Images
+    that are not RGB turn gray as the mean of their channels (a grayscale image stays as it is)."""
+    weights = torch.tensor(GRAY_WEIGHTS, device=device) if c == 3 else torch.full((c,), 1 / c, device=device)
+    return weights.expand(c, c), torch.eye(c, device=device)
 
 
 def recipe_apply(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
@@ -131,7 +133,7 @@ class DeviceAugment:
         order = _drop_lone_sample(torch.randperm(len(data), device=data.x.device, generator=gen), batch_size)
         xs, ys = data.x[order], data.y[order]
         for x, y in zip(xs.split(batch_size), ys.split(batch_size), strict=True):
-            yield normalize(self.fn(x, gen) if self.fn else x), y
+            yield pixels(self.fn(x, gen)) if self.fn else normalize(x), y
 
 
 class _Images(torch.utils.data.Dataset):

@@ -149,7 +149,8 @@ def check_output_and_init(ctx: _Context) -> list[Check]:
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y).item()
         shape_ok = tuple(logits.shape) == (len(idx), n_classes)
-        shape_detail = "" if shape_ok else f"expected [{len(idx)}, {n_classes}]"
+        shape_detail = "" if shape_ok else (f"the model returns {list(logits.shape)}; it must return logits of "
+                                            f"[batch, classes] = [{len(idx)}, {n_classes}]")
     except (RuntimeError, IndexError) as e:  # a shape that the loss cannot take
         logits, loss, shape_ok, shape_detail = None, math.nan, False, f"{type(e).__name__}: {e}"
     shape = Check("output_shape", shape_ok, list(logits.shape) if logits is not None else None,
@@ -244,8 +245,7 @@ def run_checks(cfg: StudyConfig, data: ImageData, device: torch.device, splits: 
     """Run every check for ``cfg`` on ``data``. ``splits`` and ``model_fn`` default to what a
     study would use; tests replace them to plant bugs."""
     splits = splits if splits is not None else make_splits(data.train_y, cfg.data)
-    in_features = int(np.prod(data.train_x.shape[1:]))
-    model_fn = model_fn or (lambda: build_model(cfg.model, in_features, len(data.classes)))
+    model_fn = model_fn or (lambda: build_model(cfg.model, data.input_shape, len(data.classes)))
     ctx = _Context(cfg, data, splits, device, model_fn)
     t0 = time.perf_counter()
     checks = [dataclasses.replace(check_data(ctx), seconds=time.perf_counter() - t0)]

@@ -1,38 +1,25 @@
-"""Step 1 of the recipe: the images. Load once, cache decoded uint8, split stratified, put on device.
-
-Sources (``data.path`` / ``--data``):
-- ``cifar10``: torchvision's CIFAR-10, downloaded into the cache folder when missing;
-- a folder in torchvision's ``cifar-10-batches-py`` layout (or the folder holding it);
-- a folder in the ImageFolder layout, ``train/<class>/*`` and ``test/<class>/*``;
-- ``synthetic``: a small learnable dataset of the same shape, for tests.
-"""
+"""Step 1 of the recipe: the images, as :mod:`hpo.engine.sources` loads them: checked once, split
+stratified, put on the device as uint8 ``[N, C, H, W]`` (or float features ``[N, D]``)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import pickle
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from hpo.engine.records import DataError
-from hpo.files import atomic_write
 
 if TYPE_CHECKING:  # config reads augment files through augment, which takes splits from here
     from hpo.config.schema import DataConfig
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    from hpo.config.study_file import StudyConfig
 
 
 @dataclass(frozen=True)
 class ImageData:
-    """Decoded images as uint8 ``[N, H, W, C]`` with int64 labels, as the recipe holds them."""
+    """Decoded images as uint8 ``[N, H, W, C]`` (or float32 features ``[N, D]``) with int64 labels,
+    as the recipe holds them."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -40,148 +27,67 @@ class ImageData:
     test_y: np.ndarray
     classes: tuple[str, ...]
 
+    @property
+    def features(self) -> bool:
+        """Float feature vectors rather than images: image augmentations do not apply."""
+        return self.train_x.ndim == 2
 
-def cache_dir() -> Path:
-    """Where decoded arrays (and torchvision downloads) live: ``$HPO_CACHE`` or ~/.cache/hpo."""
-    return Path(os.environ.get("HPO_CACHE", Path.home() / ".cache" / "hpo"))
-
-
-# --- sources ------------------------------------------------------------------------------
-
-
-def synthetic(per_class: int = 100, test_per_class: int = 20, num_classes: int = 10, seed: int = 0) -> ImageData:
-    """Learnable 32x32 RGB images: each class is a colour and a stripe direction, plus noise."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(40, 216, size=(num_classes, 3))
-    yy, xx = np.mgrid[0:32, 0:32]
-
-    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
-        y = np.repeat(np.arange(num_classes), n)
-        angle = y[:, None, None] * np.pi / num_classes
-        stripes = 40 * np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 0.8)
-        x = colours[y][:, None, None, :] + stripes[..., None] + rng.normal(0, 25, (len(y), 32, 32, 3))
-        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
-
-    (train_x, train_y), (test_x, test_y) = make(per_class), make(test_per_class)
-    return ImageData(train_x, train_y, test_x, test_y, tuple(f"class{i}" for i in range(num_classes)))
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """What a model takes per sample, as the device holds it: ``(C, H, W)``, or ``(D,)``."""
+        if self.features:
+            return (self.train_x.shape[1],)
+        height, width, channels = self.train_x.shape[1:]
+        return channels, height, width
 
 
-def _read_batches(folder: Path) -> ImageData:
-    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        with open(folder / name, "rb") as f:
-            d = pickle.load(f, encoding="latin1")  # the format's own; only trusted local files
-        return d["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d["labels"], np.int64)
-
-    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
-    test_x, test_y = read("test_batch")
-    meta = folder / "batches.meta"
-    classes = CIFAR10_CLASSES
-    if meta.is_file():
-        with open(meta, "rb") as f:
-            classes = tuple(pickle.load(f, encoding="latin1")["label_names"])
-    train_x = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
-    return ImageData(train_x, np.concatenate([p[1] for p in parts]), np.ascontiguousarray(test_x), test_y, classes)
-
-
-def _image_files(root: Path) -> list[tuple[str, list[os.DirEntry]]]:
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    out = []
-    for c in classes:
-        with os.scandir(root / c) as it:
-            files = sorted((e for e in it if Path(e.name).suffix.lower() in IMAGE_SUFFIXES), key=lambda e: e.name)
-        out.append((c, files))
-    return out
+def _samples(x: np.ndarray, name: str, where: str) -> np.ndarray:
+    """``x`` as ImageData holds it: uint8 NHWC (from NHWC, NCHW with 1, 3 or 4 channels, or NHW), or
+    float32 ``[N, D]``."""
+    if x.ndim == 2 and np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{where}: {name} holds NaN or inf")
+        return np.ascontiguousarray(x, np.float32)
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise DataError(f"{where}: {name} must be uint8 images [N, H, W, C], [N, C, H, W] or [N, H, W], or float "
+                        f"features [N, D]; got {x.dtype} {list(x.shape)}")
+    if x.ndim == 3:
+        return np.ascontiguousarray(x[..., None])
+    if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(x)
 
 
-def _decode(paths: list[str], where: Path) -> np.ndarray:
-    from PIL import Image  # torchvision's own dependency
-
-    def one(p: str) -> np.ndarray:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL releases the GIL
-        images = list(pool.map(one, paths, chunksize=256))
-    shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise DataError(f"{where}: images differ in size ({sorted(shapes)[:3]}...); resize them to one size first")
-    return np.stack(images)
-
-
-def _read_image_folder(folder: Path, listing: dict[str, list]) -> ImageData:
-    train_classes = [c for c, _ in listing["train"]]
-    if [c for c, _ in listing["test"]] != train_classes:
-        raise DataError(f"{folder}: train/ and test/ must hold the same class folders")
-    arrays = {}
-    for split, groups in listing.items():
-        paths = [e.path for _, files in groups for e in files]
-        labels = np.concatenate([np.full(len(files), i, np.int64) for i, (_, files) in enumerate(groups)])
-        if not paths:
-            raise DataError(f"{folder / split}: no images found (expected {split}/<class>/*.jpg)")
-        arrays[split] = (_decode(paths, folder / split), labels)
-    return ImageData(*arrays["train"], *arrays["test"], tuple(train_classes))
-
-
-def _fingerprint(folder: Path, entries: list[os.DirEntry]) -> str:
-    h = hashlib.sha256(str(folder.resolve()).encode())
-    for e in entries:
-        st = e.stat()
-        h.update(f"{e.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _cached(key: str, build) -> ImageData:
-    """Load ``key`` from the cache, or build it and write it there atomically."""
-    path = cache_dir() / f"{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return ImageData(z["train_x"], z["train_y"], z["test_x"], z["test_y"], tuple(z["classes"].tolist()))
-    data = build()
-    atomic_write(path, lambda f: np.savez(f, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x,
-                                          test_y=data.test_y, classes=np.asarray(data.classes)))
-    return data
-
-
-def _download_cifar10(root: Path) -> Path:
-    import torchvision
-
-    try:
-        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
-    except Exception as e:  # network errors come in many types
-        raise DataError(
-            f"CIFAR-10 is not in {root / 'cifar-10-batches-py'} and could not be downloaded ({type(e).__name__}); "
-            "pass --data PATH with a cifar-10-batches-py or ImageFolder (train/, test/) folder"
-        ) from None
-    return root / "cifar-10-batches-py"
-
-
-def load_data(source: str) -> ImageData:
-    """Load ``source`` (see module doc), decoding at most once per folder version."""
-    if source == "synthetic":
-        return synthetic()
-    if source == "cifar10":
-        folder = cache_dir() / "cifar-10-batches-py"
-        if not (folder / "data_batch_1").is_file():
-            folder = _download_cifar10(cache_dir())
-    else:
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            raise DataError(f"--data {source}: no such folder; give a cifar-10-batches-py or ImageFolder folder")
-        if (folder / "cifar-10-batches-py").is_dir():
-            folder = folder / "cifar-10-batches-py"
-    if (folder / "data_batch_1").is_file():
-        names = [folder / n for n in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")]
-        missing = [n.name for n in names if not n.is_file()]
-        if missing:
-            raise DataError(f"{folder}: incomplete cifar-10-batches-py folder, missing {', '.join(missing)}")
-        return _read_batches(folder)  # pickles load fast; no cache needed
-    if not ((folder / "train").is_dir() and (folder / "test").is_dir()):
-        raise DataError(
-            f"{folder}: not a dataset folder; expected cifar-10-batches-py files or train/<class>/ and test/<class>/"
-        )
-    listing = {split: _image_files(folder / split) for split in ("train", "test")}
-    entries = [e for split in listing.values() for _, files in split for e in files]
-    return _cached(f"imagefolder-{_fingerprint(folder, entries)}", lambda: _read_image_folder(folder, listing))
+def from_arrays(arrays, where: str) -> ImageData:
+    """ImageData from ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` and ``classes`` (an
+    ``.npz`` file's arrays, or what a data function returns), checked. Without a test split, a
+    stratified fifth of the training samples is held out as one (seeded: the same every time)."""
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing or ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"{where}: needs x_train and y_train, and x_test with y_test or neither; got "
+                        f"{', '.join(sorted(arrays)) or 'nothing'}")
+    x = {k: _samples(np.asarray(arrays[f"x_{k}"]), f"x_{k}", where) for k in ("train", "test") if f"x_{k}" in arrays}
+    y = {k: np.asarray(arrays[f"y_{k}"]) for k in x}
+    for k in x:
+        if not np.issubdtype(y[k].dtype, np.integer) or y[k].shape != (len(x[k]),):
+            raise DataError(f"{where}: y_{k} must be {len(x[k])} integer labels, one per sample of x_{k}; got "
+                            f"{y[k].dtype} {list(y[k].shape)}")
+    if "test" in x and x["test"].shape[1:] != x["train"].shape[1:]:
+        raise DataError(f"{where}: x_test's samples are {list(x['test'].shape[1:])}, x_train's "
+                        f"{list(x['train'].shape[1:])}")
+    labels = np.concatenate(list(y.values()))
+    classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays else \
+        tuple(str(c) for c in range(int(labels.max()) + 1))
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise DataError(f"{where}: labels must lie in [0, {len(classes)}) for {len(classes)} classes; got "
+                        f"{labels.min()}..{labels.max()}")
+    if "test" not in x:
+        rng = np.random.default_rng(0)
+        test = _stratified_take(y["train"], np.arange(len(y["train"])), len(y["train"]) // 5, rng)
+        train = np.setdiff1d(np.arange(len(y["train"])), test)
+        x["train"], x["test"], y["train"], y["test"] = x["train"][train], x["train"][test], y["train"][train], \
+            y["train"][test]
+    return ImageData(x["train"], y["train"].astype(np.int64), x["test"], y["test"].astype(np.int64), classes)
 
 
 # --- splits -------------------------------------------------------------------------------
@@ -206,24 +112,55 @@ def _stratified_take(labels: np.ndarray, pool: np.ndarray, n: int, rng: np.rando
     return rng.permutation(np.concatenate(picked))
 
 
+def _count(size: int | float, of: int) -> int:
+    """A split size as a count: a fraction (a float below 1) of ``of`` samples, at least one."""
+    return size if isinstance(size, int) else max(1, round(size * of))
+
+
+def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int, int]:
+    """The train, val and subset counts for ``n`` training samples: a fraction of train_size and
+    val_size is one of the ``n``, of subset_size one of the train split. Raises DataError, in one line,
+    where they do not fit."""
+    train, val = _count(cfg.train_size, n), _count(cfg.val_size, n)
+    if isinstance(cfg.train_size, float) and isinstance(cfg.val_size, float) and cfg.train_size + cfg.val_size <= 1:
+        val = min(val, n - train)  # two fractions that fit stay fitting, whatever the rounding
+    subset = _count(cfg.subset_size, train)
+    fix = ("lower them, or give fractions of the data: --param data.train_size=0.8 --param data.val_size=0.2 "
+           "--param data.subset_size=0.5")
+    if train + val > n:
+        raise DataError(f"data.train_size + data.val_size = {train} + {val} exceeds the {n} training samples; {fix}")
+    if subset > train:
+        raise DataError(f"data.subset_size = {subset} exceeds data.train_size = {train}; {fix}")
+    return train, val, subset
+
+
+def check_fits(cfg: StudyConfig, data: ImageData) -> None:
+    """Raise DataError, in one line, where the study cannot run on ``data``: split sizes that do not
+    fit it, or an image augmentation (searched or not) on float features."""
+    split_sizes(len(data.train_y), cfg.data)
+    searched = cfg.search.get("augment")
+    augments = {cfg.augment, *(getattr(searched, "choices", ()))}
+    if data.features and augments != {"none"}:
+        named = ", ".join(sorted(repr(a) for a in augments - {"none"}))
+        raise DataError(f"augment {named}: the data is float features {list(data.train_x.shape)}, not images; "
+                        'set augment = "none"')
+
+
 def make_splits(labels: np.ndarray, cfg: DataConfig) -> Splits:
     """Stratified, seeded train / val / subset split of the training images (the recipe's 40k/10k/5k)."""
-    if cfg.train_size + cfg.val_size > len(labels):
-        raise DataError(
-            f"data.train_size + data.val_size = {cfg.train_size + cfg.val_size} exceeds the {len(labels)} "
-            "training images; lower them with --param data.train_size=N --param data.val_size=N"
-        )
+    n_train, n_val, n_subset = split_sizes(len(labels), cfg)
     rng = np.random.default_rng(cfg.seed)
     everything = np.arange(len(labels))
-    val = _stratified_take(labels, everything, cfg.val_size, rng)
+    val = _stratified_take(labels, everything, n_val, rng)
     rest = np.setdiff1d(everything, val)
-    train = _stratified_take(labels, rest, cfg.train_size, rng)
-    return Splits(train, val, _stratified_take(labels, train, cfg.subset_size, rng))
+    train = _stratified_take(labels, rest, n_train, rng)
+    return Splits(train, val, _stratified_take(labels, train, n_subset, rng))
 
 
 @dataclass(frozen=True)
 class DeviceSplit:
-    """One split on the training device: uint8 images ``[N, C, H, W]`` and int64 labels."""
+    """One split on the training device: uint8 images ``[N, C, H, W]`` (or float features ``[N, D]``)
+    and int64 labels."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -251,8 +188,9 @@ def resolve_device(name: str) -> torch.device:
 
 def to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> DeviceSplit:
     """Copy ``[N, H, W, C]`` images once to the device as ``[N, C, H, W]``, staying uint8 (4x less
-    memory and transfer than float). Channels first keeps the batched augmentation's ops contiguous."""
-    images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    memory and transfer than float). Channels first keeps the batched augmentation's ops contiguous.
+    Features ``[N, D]`` go as they are."""
+    images = torch.from_numpy(np.ascontiguousarray(x if x.ndim == 2 else x.transpose(0, 3, 1, 2)))
     return DeviceSplit(images.to(device), torch.from_numpy(y).to(device))
 
 
@@ -271,6 +209,13 @@ def training_splits(data: ImageData, cfg: DataConfig, device: torch.device) -> T
                     to_device(data.train_x[splits.val], data.train_y[splits.val], device))
 
 
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """Pixel values ``[B, C, H, W]`` in [0, 255] (uint8, or float from an augmentation) -> float in
+    [0, 1], as the recipe's ``X / 255``; the shape stays (an MLP flattens itself)."""
+    return x.float() / 255.0
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8-range ``[B, C, H, W]`` -> flat float in [0, 1], as the recipe's ``X / 255``."""
-    return x.reshape(len(x), -1).float() / 255.0
+    """A batch as a split holds it -> the model's input: uint8 images as :func:`pixels`, float
+    features as they are."""
+    return x if x.is_floating_point() else pixels(x)

@@ -5,7 +5,9 @@ and stopping. No Optuna here, as in ``loop``: a study drives members through ``o
 A member sees what a solo ``fit`` with its seed and parameters sees: initial weights from
 ``build_model`` after ``torch.manual_seed(seed)``, batches and augmentation draws from its own
 generator. Members may differ in lr, batch size, weight decay, momentum, StepLR, patience, epochs,
-dropout rate and augmentation; another model shape or optimizer type needs another population. A
+dropout rate (the MLP's) and augmentation; another model shape or optimizer type needs another
+population. Only a stack of Flatten, Linear, BatchNorm1d, ReLU and Dropout layers stacks
+(:func:`hpo.engine.models.stackable`). A
 step pads every member's batch to the largest with a row mask (a member's loss, gradients and batch
 norm statistics come from its own rows); a member whose epoch has no batch left waits, untouched.
 Dropout masks are drawn for every member at once from torch's global generator: a member with
@@ -14,7 +16,6 @@ dropout is its solo run in distribution, not bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,11 +32,10 @@ from hpo.config.schema import ModelConfig, TrainConfig
 from hpo.engine.augment import Augment
 from hpo.engine.data import TrainVal, normalize
 from hpo.engine.loop import EVAL_BATCH, EpochLog, LoopState
-from hpo.engine.models import build_model
+from hpo.engine.models import BN_EPS, BN_MOMENTUM, build_model, stackable
 from hpo.engine.records import EpochStats, FitResult, Stop, TrainingDiverged
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the solo loop uses
-BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm1d's defaults
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Member:
 
     train: TrainConfig
     augment: Augment
-    dropout: float = 0.0  # after each ReLU, as ModelConfig.dropout: the one part of the model a member has its own
+    dropout: float = 0.0  # after each ReLU, as the MLP's model.dropout: the one part of the model a member has its own
 
 
 class _Slot(EpochLog):
@@ -59,7 +59,6 @@ class _Slot(EpochLog):
         self.stop: Stop | None = None
         self.error: TrainingDiverged | None = None
         self.resumed_from = 0  # the epochs it had run before it was admitted
-        self.names: list[str] = []  # its solo model's state dict names
 
     def lr(self) -> float:
         """StepLR's lr for the epoch about to run, multiplied out as StepLR does."""
@@ -70,8 +69,8 @@ class _Slot(EpochLog):
 
 
 class Population:
-    """K members in stacked tensors. ``params`` and ``buffers`` hold a solo model's names (``0.weight``,
-    ``1.running_mean``...) with a leading member dimension, so a member's slice is a solo state dict."""
+    """K members in stacked tensors. ``params`` and ``buffers`` hold a solo model's names (``fc1.weight``,
+    ``bn1.running_mean``...) with a leading member dimension, so a member's slice is a solo state dict."""
 
     def __init__(self, model: ModelConfig, optimizer: str, members: Sequence[Member], data: TrainVal,
                  num_classes: int = 10):
@@ -79,29 +78,29 @@ class Population:
         self.label_smoothing = members[0].train.label_smoothing  # shared, as the optimizer (hpo.workers.members.SHARED)
         device, k = data.train.x.device, len(members)
         template = self._solo()  # names and shapes; admit() fills each member's slice
-        self.layers = list(template)
+        stackable(template)
+        self.layers = list(template.named_children())
         self.params = {n: torch.zeros(k, *p.shape, device=device, requires_grad=True)
                        for n, p in template.named_parameters()}
         self.buffers = {n: torch.zeros(k, *b.shape, dtype=b.dtype, device=device) for n, b in template.named_buffers()}
         self.moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in self.params.items()}
         self.steps = torch.zeros(k, len(self.params), device=device)  # Adam's step count, per parameter
         self.slots: list[_Slot] = [None] * k  # type: ignore[list-item]  (admit() fills each)
-        # A member's solo model has Dropout layers where the template has none, so its state dict
-        # names differ (``3.weight`` for ``2.weight``); they come in the same order, and map by position.
-        self.names = list(template.state_dict())
         self.dropout = torch.zeros(k, 1, 1, device=device)  # each member's rate
         self.dropping = False  # whether a running member has dropout: the others need no mask
         for i, member in enumerate(members):
             self.admit(i, member)
 
-    def _solo(self, member: Member | None = None) -> nn.Sequential:
+    def _solo(self, member: Member | None = None) -> nn.Module:
         """A member's solo model, initialized as ``train_run`` does for its seed (without a member: the
-        template, with no dropout layers); the global RNG is left as it was."""
-        cfg = dataclasses.replace(self.model_cfg, dropout=member.dropout if member else 0.0)
+        template, with no dropout layers of the MLP's); the global RNG is left as it was."""
+        cfg = self.model_cfg
+        if cfg.family == "mlp":
+            cfg = ModelConfig("mlp", {**cfg.kwargs, "dropout": member.dropout if member else 0.0})
         with torch.random.fork_rng(devices=[]):
             if member is not None:
                 torch.manual_seed(member.train.seed)
-            model = build_model(cfg, self.data.train.x[0].numel(), self.num_classes)
+            model = build_model(cfg, self.data.train.x.shape[1:], self.num_classes)
         return model.to(self.data.train.x.device)
 
     @torch.no_grad()
@@ -117,7 +116,7 @@ class Population:
             slot.load_state_dict(last)
             slot.best_weights, slot.resumed_from = best["model"], len(slot.history)
             slot.stop = slot.stopping(member.train)  # a run that had ended before it was cut
-        for name, value in zip(self.names, model.state_dict().values(), strict=True):
+        for name, value in model.state_dict().items():
             (self.params | self.buffers)[name][k] = value
         for j, (name, p) in enumerate(zip(self.params, model.parameters(), strict=True)):  # torch's optimizer state
             held = state.optimizer.state.get(p, {})
@@ -125,7 +124,6 @@ class Population:
             self.moments[name][1][k] = held.get("exp_avg_sq", 0.0)
             self.steps[k, j] = held.get("step", 0.0)
         self.dropout[k] = member.dropout
-        slot.names = list(model.state_dict())
         self.slots[k] = slot
 
     def checkpoint(self, k: int) -> tuple[dict, dict]:
@@ -154,14 +152,13 @@ class Population:
             self.slots[k].stop = Stop.COMPLETED
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Member ``k``'s weights as its solo model's ``state_dict`` (its own names)."""
-        stacked = self.params | self.buffers
-        return {mine: stacked[name][k] for mine, name in zip(self.slots[k].names, self.names, strict=True)}
+        """Member ``k``'s weights as its solo model's ``state_dict``."""
+        return {name: t[k] for name, t in (self.params | self.buffers).items()}
 
-    # -- the stacked network: x [K, B, features], mask [K, B] (1 for a member's own rows)
+    # -- the stacked network: x [K, B, features] (flattened already), mask [K, B] (1 for a member's own rows)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dropout: bool) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
+        for i, layer in self.layers:
             if isinstance(layer, nn.Linear):
                 x = torch.baddbmm(self.params[f"{i}.bias"].unsqueeze(1), x, self.params[f"{i}.weight"].transpose(1, 2))
             elif isinstance(layer, nn.BatchNorm1d):
@@ -170,9 +167,11 @@ class Population:
                 x = x.relu()
                 if dropout:  # each member's own rate: p = 0 keeps every unit, scaled by 1
                     x = x * (torch.rand_like(x) >= self.dropout) / (1 - self.dropout)
+            elif isinstance(layer, nn.Dropout) and mask is not None:  # a user's, at its own rate for all
+                x = F.dropout(x, layer.p)
         return x
 
-    def _batch_norm(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _batch_norm(self, i: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per member: in training (``mask`` given) the statistics of its own rows, and its running
         statistics updated as BatchNorm1d does; in evaluation its running statistics."""
         mean, var = self.buffers[f"{i}.running_mean"], self.buffers[f"{i}.running_var"]
@@ -230,7 +229,7 @@ class Population:
         val = self.data.val
         with torch.no_grad():
             for xb, yb in zip(val.x.split(EVAL_BATCH), val.y.split(EVAL_BATCH), strict=True):
-                x = normalize(xb).expand(len(self.slots), -1, -1)
+                x = normalize(xb).flatten(1).expand(len(self.slots), -1, -1)
                 logits = self.forward(x, None, dropout=False)
                 sums[:, 2] += F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(self.slots)),
                                               reduction="none").view(len(self.slots), -1).sum(1)
@@ -253,12 +252,12 @@ class Population:
             if all(b is None for b in batches):
                 break
             width = max(len(b[1]) for b in batches if b is not None)
-            x = torch.zeros(k, width, self.data.train.x[0].numel(), device=device)
+            x = torch.zeros(k, width, self.data.train.x[0].numel(), device=device)  # each member's rows, flat
             y = torch.zeros(k, width, dtype=torch.long, device=device)
             mask = torch.zeros(k, width, device=device)
             for i, b in enumerate(batches):
                 if b is not None:
-                    x[i, :len(b[1])], y[i, :len(b[1])], mask[i, :len(b[1])] = b[0], b[1], 1.0
+                    x[i, :len(b[1])], y[i, :len(b[1])], mask[i, :len(b[1])] = b[0].flatten(1), b[1], 1.0
                     self.slots[i].seen += len(b[1])
             self._step(x, y, mask, lrs, sums, [b is not None for b in batches])
         t_train = time.perf_counter() - t0

@@ -17,6 +17,10 @@ class DataError(RuntimeError):
     """The data cannot be loaded; the message says where it looked and what to do."""
 
 
+class ModelError(RuntimeError):
+    """The model cannot be built: the factory raised, or returned something that is not a module."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file cannot be read; the message names it and says why."""
 

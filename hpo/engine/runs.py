@@ -21,10 +21,11 @@ import torch
 from hpo.config.study_file import StudyConfig
 from hpo.engine.augment import make_augment
 from hpo.engine.checkpoints import Checkpoints
-from hpo.engine.data import ImageData, load_data, training_splits
+from hpo.engine.data import ImageData, check_fits, training_splits
 from hpo.engine.loop import fit
 from hpo.engine.models import build_model
 from hpo.engine.records import EpochStats, Stop
+from hpo.engine.sources import load_data
 from hpo.files import folder_name, inside, write_json, writing
 
 
@@ -106,6 +107,7 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
     ``log`` gets the recipe's line per epoch; ``save_every``: see :class:`Checkpoints`."""
     t0 = time.perf_counter()
     data = data if data is not None else load_data(cfg.data.path)
+    check_fits(cfg, data)
     splits = training_splits(data, cfg.data, device)  # bad data fails here, before any file
     data_seconds = time.perf_counter() - t0
 
@@ -120,7 +122,7 @@ def train_run(cfg: StudyConfig, device: torch.device, out: Path, data: ImageData
     torch.manual_seed(cfg.train.seed)
     checkpoints = Checkpoints(run_dir, save_every)
     try:
-        model = build_model(cfg.model, splits.train.x[0].numel(), len(data.classes)).to(device)
+        model = build_model(cfg.model, data.input_shape, len(data.classes)).to(device)
         result = fit(model, splits, cfg.train, make_augment(cfg.augment), epoch_done, checkpoints)
     except Exception as e:  # recorded beside the config, then raised to the caller
         write_json(run_dir / "results.json", {"error": f"{type(e).__name__}: {e}", "run_dir": str(run_dir)})

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from hpo.engine.checkpoints import load_checkpoint, save_checkpoint
-from hpo.engine.data import ImageData, load_data, to_device
+from hpo.engine.data import ImageData, to_device
 from hpo.engine.loop import evaluate
 from hpo.engine.models import build_model
 from hpo.engine.records import Stop
 from hpo.engine.runs import Result, train_run
+from hpo.engine.sources import load_data
 from hpo.files import store_artifact, write_json
 from hpo.study.handle import StudyError, StudyHandle
 from hpo.study.reads import best_trials
@@ -106,7 +107,7 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     chosen = max(range(len(runs)), key=lambda i: runs[i].best_val_acc)  # by val: test is looked at once
     best, cfg, run = trials[chosen], cfgs[chosen], runs[chosen]
 
-    model = build_model(cfg.model, int(data.train_x[0].size), len(data.classes)).to(device)
+    model = build_model(cfg.model, data.input_shape, len(data.classes)).to(device)
     model.load_state_dict(load_checkpoint(run.checkpoint, device)["model"])
     test_loss, test_acc = evaluate(model, to_device(data.test_x, data.test_y, device))
     final = run.run_dir / "final.pt"

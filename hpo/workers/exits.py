@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from hpo.config.schema import ConfigError
-from hpo.engine.records import CheckpointError, DataError, GateFailed, TrainingDiverged
+from hpo.engine.records import CheckpointError, DataError, GateFailed, ModelError, TrainingDiverged
 from hpo.files import WriteError
 from hpo.storages.retries import DatabaseError, StorageError, StorageUnavailable
 from hpo.study.faults import TooManyFailures
@@ -35,7 +35,7 @@ EXPECTED: tuple[tuple[tuple[type[BaseException], ...], int, str], ...] = (
     ((StorageUnavailable, DatabaseError), EXIT_STORAGE_LOST, ""),
     ((GateFailed,), EXIT_CHECKS_FAILED, ""),
     ((WriteError,), EXIT_CANNOT_WRITE, ""),
-    ((DataError, CheckpointError, UsageError, StorageError, StudyError), EXIT_BAD_INPUT, ""),
+    ((DataError, ModelError, CheckpointError, UsageError, StorageError, StudyError), EXIT_BAD_INPUT, ""),
     ((WorkersFailed, TooManyFailures), EXIT_FAILED, ""),
     ((TrainingDiverged,), EXIT_FAILED, "training diverged: "),
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from hpo.engine.augment import make_augment
 from hpo.engine.checkpoints import read_resumable, save_checkpoint
 from hpo.engine.data import ImageData, training_splits
 from hpo.engine.loop import EVAL_BATCH
-from hpo.engine.models import build_model
+from hpo.engine.models import build_model, stackable
 from hpo.engine.population import Member, Population
-from hpo.engine.records import EpochStats, FitResult, TrainingDiverged
+from hpo.engine.records import EpochStats, FitResult, ModelError, TrainingDiverged
 from hpo.engine.runs import RunSummary, new_run_dir, run_record, write_results
 from hpo.files import write_json
 from hpo.storages.retries import StorageError
@@ -44,40 +45,69 @@ SHARED = ("model.", "data.", "train.optimizer", "train.label_smoothing")
 OWN = ("model.dropout",)  # ... except these: each member has its own
 AUTO_CAP = 64  # the most members an automatic size picks: the K the GPU profile is taken at (bench/population.py)
 MEMORY_SHARE = 0.5  # of the device's free memory an automatic size fills: room for the allocator's slack
+# Whether population = 0 sizes a population from CUDA's free memory. Not until bench/gpu.sh has measured a
+# population beating solo trials on a GPU, which it has not yet: 0 picks 1 there too (README, Population training).
+AUTO_ON_CUDA = False
 
 
 def _shared_varied(cfg: StudyConfig) -> list[str]:
-    return [k for k in cfg.search if k.startswith(SHARED) and k not in OWN]
+    return [k for k in cfg.search if k.startswith(SHARED) and not _own(cfg, k)]
 
 
-def check_population(cfg: StudyConfig, size: int) -> None:
+def _own(cfg: StudyConfig, key: str) -> bool:
+    return key in OWN and cfg.model.family == "mlp"  # the MLP's dropout, which Population applies per member
+
+
+def _member(cfg: StudyConfig) -> Member:
+    dropout = cfg.model.kwargs["dropout"] if cfg.model.family == "mlp" else 0.0
+    return Member(cfg.train, make_augment(cfg.augment), dropout)
+
+
+def check_population(cfg: StudyConfig, size: int, data: ImageData) -> None:
     """Members share the model's shape, the data, the optimizer type and the loss: a space that varies them
-    cannot run as a population."""
+    cannot run as a population, nor a model of layers that the population engine does not stack."""
+    if size <= 1:
+        return
     varied = _shared_varied(cfg)
-    if size > 1 and varied:
+    if varied:
         raise StudyError(f"population {size} (--population or [study] population): the search space varies "
                          f"{', '.join(varied)}, which the members of a population share; use --population 1")
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = build_model(cfg.model, data.input_shape, len(data.classes))
+    try:
+        stackable(model)
+    except ModelError as e:
+        raise StudyError(f"population {size} (--population or [study] population) on model {cfg.model.family}: "
+                         f"{e}") from None
 
 
-def member_bytes(cfg: StudyConfig, in_features: int, num_classes: int) -> int:
+def member_bytes(cfg: StudyConfig, input_shape: tuple[int, ...], num_classes: int) -> int:
     """A member's device memory, estimated: five copies of its weights (weights, gradients, two
     optimizer moments, best weights) and a step's activations at the space's largest batch, twice
     for the backward pass (or an eval batch's, whichever is more)."""
     with torch.device("meta"):  # shapes only, nothing allocated
-        weights = sum(p.numel() for p in build_model(cfg.model, in_features, num_classes).parameters())
+        model = build_model(cfg.model, input_shape, num_classes)
+    weights = sum(p.numel() for p in model.parameters())
     batch = cfg.search["train.batch_size"].largest() if "train.batch_size" in cfg.search else cfg.train.batch_size
-    row = in_features + 6 * cfg.model.depth * cfg.model.hidden + 3 * num_classes  # floats a row keeps
+    widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    row = math.prod(input_shape) + 6 * sum(widths[:-1]) + 3 * num_classes  # floats a row keeps
     return 4 * (5 * weights + max(2 * batch, EVAL_BATCH) * row)
 
 
-def auto_population(cfg: StudyConfig, device: torch.device, in_features: int, num_classes: int, target: int) -> int:
-    """``population = 0``: one on a CPU (where a population is slower, README) or where the space
-    varies what members share; on CUDA as many as half the free memory holds, at most AUTO_CAP
-    and the study's N."""
-    if device.type != "cuda" or _shared_varied(cfg):
+def auto_population(cfg: StudyConfig, device: torch.device, input_shape: tuple[int, ...], num_classes: int,
+                    target: int) -> int:
+    """``population = 0``: one on a CPU (where a population is slower, README), where the space varies
+    what members share, or the model does not stack, and on CUDA until AUTO_ON_CUDA; then as many as
+    half the free memory holds, at most AUTO_CAP and the study's N."""
+    if device.type != "cuda" or not AUTO_ON_CUDA or _shared_varied(cfg):
+        return 1
+    try:
+        with torch.device("meta"):
+            stackable(build_model(cfg.model, input_shape, num_classes))
+    except ModelError:
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(AUTO_CAP, target, int(MEMORY_SHARE * free) // member_bytes(cfg, in_features, num_classes)))
+    return max(1, min(AUTO_CAP, target, int(MEMORY_SHARE * free) // member_bytes(cfg, input_shape, num_classes)))
 
 
 @dataclass
@@ -175,7 +205,7 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
                     tell(handle, trial, Attempt(Outcome.INVALID_PARAMS, error=e))
                     ran += 1
                     continue
-                member = Member(seat.cfg.train, make_augment(seat.cfg.augment), seat.cfg.model.dropout)
+                member = _member(seat.cfg)
                 k = free.pop(0)
                 if population is None:  # the first member sets the shape all share (check_population)
                     population = Population(seat.cfg.model, seat.cfg.train.optimizer, [member] * opts.population,
@@ -206,9 +236,9 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
 def shareable(cfgs: Sequence[StudyConfig]) -> bool:
     """Whether these settings can train as one population: equal in all that members share."""
     def shared(cfg: StudyConfig) -> dict[str, Any]:
-        flat = {f"{section}.{k}": v for section in ("data", "model", "train") for k, v in
-                dataclasses.asdict(getattr(cfg, section)).items()}
-        return {k: v for k, v in flat.items() if k.startswith(SHARED) and k not in OWN and k != "data.path"}
+        d = cfg.to_dict()
+        flat = {f"{section}.{k}": v for section in ("data", "model", "train") for k, v in d[section].items()}
+        return {k: v for k, v in flat.items() if k.startswith(SHARED) and not _own(cfg, k) and k != "data.path"}
 
     return all(shared(c) == shared(cfgs[0]) for c in cfgs)
 
@@ -222,7 +252,7 @@ def train_together(cfgs: Sequence[StudyConfig], device: torch.device, out: Path,
     run_dirs = [new_run_dir(out, cfg.study.name) for cfg in cfgs]
     for cfg, run_dir in zip(cfgs, run_dirs, strict=True):
         write_json(run_dir / "config.json", run_record(cfg, device))
-    members = [Member(cfg.train, make_augment(cfg.augment), cfg.model.dropout) for cfg in cfgs]
+    members = [_member(cfg) for cfg in cfgs]
     population = Population(cfgs[0].model, cfgs[0].train.optimizer, members, splits, len(data.classes))
     histories: list[list[dict]] = [[] for _ in cfgs]
 

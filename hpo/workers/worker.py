@@ -19,8 +19,10 @@ from optuna.trial import TrialState
 
 from hpo.config.study_file import StudyConfig
 from hpo.engine.checkpoints import resume_history
-from hpo.engine.data import ImageData, load_data, make_splits, resolve_device
+from hpo.engine.data import ImageData, check_fits, resolve_device
+from hpo.engine.models import build_model
 from hpo.engine.runs import RunSummary, train_run
+from hpo.engine.sources import load_data
 from hpo.storages.retries import mask
 from hpo.study.faults import check_failure_budget
 from hpo.study.handle import COUNTED, StudyHandle
@@ -85,32 +87,29 @@ def _devices(device: str, workers: int) -> list[str]:
     return [str(resolve_device(device))] * workers
 
 
-def load_checked(cfg: StudyConfig) -> ImageData:
-    """The data, with the study's splits checked against it: bad data fails before the study is written."""
-    data = load_data(cfg.data.path)
-    make_splits(data.train_y, cfg.data)
-    return data
-
-
-def with_population(cfg: StudyConfig, opts: Options) -> Options:
+def with_population(cfg: StudyConfig, opts: Options, data: ImageData) -> Options:
     """``opts`` with the population size it runs: its own, else the study file's; refused where the
-    search space varies what members share."""
+    search space varies what members share, or the model does not stack."""
     opts = dataclasses.replace(opts, population=cfg.study.population if opts.population is None else opts.population)
-    check_population(cfg, opts.population)
+    check_population(cfg, opts.population, data)
     return opts
 
 
 def prepare(cfg: StudyConfig, opts: Options, n_trials: int | None, create: bool,
             data: ImageData | None = None) -> tuple[StudyHandle, Options, ImageData]:
     """What every way into a study does first, in this order, so that bad input fails before the
-    study is written: the target N against the search space, the population size, the data (``data``:
-    loaded already) against the splits, then the study opened (``create``: or made) and N set. N is
-    ``n_trials``, else the study file's when creating; a worker that joins without one keeps the study's."""
+    study is written: the target N against the search space, the data (``data``: loaded already) against
+    the splits and augmentation, the model built once for it, the population size, then the study opened
+    (``create``: or made) and N set. N is ``n_trials``, else the study file's when creating; a worker
+    that joins without one keeps the study's."""
     target = n_trials or (cfg.study.n_trials if create else None)
     if target:
         check_target(cfg, target)
-    opts = with_population(cfg, opts)
-    data = data if data is not None else load_checked(cfg)
+    data = data if data is not None else load_data(cfg.data.path)
+    check_fits(cfg, data)
+    with torch.random.fork_rng(devices=[]):  # ModelError: the factory is broken (the RNG stays as it was)
+        build_model(cfg.model, data.input_shape, len(data.classes))
+    opts = with_population(cfg, opts, data)
     handle = open_study(cfg, opts.storage, create=create, liveness=opts.liveness)
     if target:
         set_target(handle, target)
@@ -119,7 +118,7 @@ def prepare(cfg: StudyConfig, opts: Options, n_trials: int | None, create: bool,
 
 def _work(handle: StudyHandle, data: ImageData, device: torch.device, opts: Options) -> int:
     """Trials one at a time, or ``opts.population`` of them at once (0: as many as fit); how many ran here."""
-    size = opts.population or auto_population(handle.cfg, device, data.train_x[0].size, len(data.classes),
+    size = opts.population or auto_population(handle.cfg, device, data.input_shape, len(data.classes),
                                               handle.target)
     if size > 1:
         if not opts.population:
