@@ -1,5 +1,6 @@
 """The data sources: CIFAR-10's own layout, an ImageFolder, an .npz file, a function, synthetic."""
 
+import json
 import os
 import pickle
 
@@ -134,3 +135,21 @@ def test_a_file_that_is_not_an_npz_is_one_line(tmp_path):
         load_data(str(tmp_path / "x.npz"))
     with pytest.raises(DataError, match="no such .npz file"):
         load_data(str(tmp_path / "missing.npz"))
+
+
+def test_float_features_from_an_npz_train_end_to_end(tmp_path):
+    """``hpo train`` on float features [N, D] (augment none): the MLP takes them as they are and learns."""
+    from conftest import hpo_main
+
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 3
+    x = rng.normal(size=(300, 6)) + 2.0 * np.eye(3)[y].repeat(2, axis=1)  # separable in its first features
+    np.savez(tmp_path / "f.npz", x_train=x, y_train=y)
+    (tmp_path / "f.toml").write_text('[data]\npath = "f.npz"\ntrain_size = 0.7\nval_size = 0.3\nsubset_size = 0.9\n'
+                                     "[train]\nepochs = 5\nlr = 0.01\n")
+    r = hpo_main("train", tmp_path / "f.toml", "--data", tmp_path / "f.npz", "--device", "cpu", "--out",
+                 tmp_path / "runs", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["best_val_acc"] > 0.8
+    r = hpo_main("train", tmp_path / "f.toml", "--data", tmp_path / "f.npz", "--param", "augment=recipe")
+    assert r.returncode == 2 and r.stderr.startswith("hpo: augment 'recipe': the data is float features"), r.stderr
