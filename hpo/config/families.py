@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from hpo.config.schema import BUILT_IN_FAMILIES, ConfigError, ModelConfig
-from hpo.config.values import Key, check_value
+from hpo.config.values import Key, check_value, section_keys
 
 REQUIRED = object()  # the default of a factory's keyword argument that has none
-LEADING = ("input_shape", "num_classes")  # the arguments hpo passes, not [model] keys
 
 
 def is_reference(family: str) -> bool:
@@ -92,9 +91,7 @@ def factory_keys(fn: Callable[..., Any]) -> dict[str, Key] | None:
 def family_keys(family: str, base: Path | None = None) -> dict[str, Key] | None:
     """The ``[model]`` keys ``family`` takes (None: any). Raises ConfigError for an unknown family."""
     if family in BUILT_IN_FAMILIES:
-        cls = BUILT_IN_FAMILIES[family]
-        hints = typing.get_type_hints(cls)
-        return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+        return section_keys(BUILT_IN_FAMILIES[family])
     if not is_reference(family):
         raise ConfigError([f"model.family: must be one of {', '.join(map(repr, BUILT_IN_FAMILIES))} or "
                            f"'package.module:factory', got {family!r}"])

@@ -3,8 +3,9 @@ stratified, put on the device as uint8 ``[N, C, H, W]`` (or float features ``[N,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def _samples(x: np.ndarray, name: str, where: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def from_arrays(arrays, where: str) -> ImageData:
+def from_arrays(arrays: Mapping[str, Any], where: str) -> ImageData:
     """ImageData from ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` and ``classes`` (an
     ``.npz`` file's arrays, or what a data function returns), checked. Without a test split, a
     stratified fifth of the training samples is held out as one (seeded: the same every time)."""

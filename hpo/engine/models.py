@@ -4,6 +4,7 @@ called as ``factory(input_shape, num_classes, **kwargs)``. No Optuna here: the l
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,9 +20,7 @@ def mlp(input_shape: Sequence[int], num_classes: int, **keys: Any) -> nn.Sequent
     """The recipe's ``build_model``: flatten, ``depth`` x [Linear, BatchNorm?, ReLU, Dropout?], then
     Linear. With the defaults on CIFAR-10 this is exactly the recipe's 3072 -> 100 -> 100 -> 10 MLP."""
     cfg = MLPKeys(**keys)
-    width = 1
-    for n in input_shape:
-        width *= n
+    width = math.prod(input_shape)
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     for i in range(1, cfg.depth + 1):
         layers.append((f"fc{i}", nn.Linear(width, cfg.hidden)))

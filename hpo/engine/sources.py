@@ -151,7 +151,7 @@ def _read_npz(path: Path) -> ImageData:
 def _call_source(ref: str) -> ImageData:
     """``package.module:function``: called with no arguments, it returns the arrays of an ``.npz``."""
     try:
-        fn = import_factory(ref, Path.cwd(), key="data.path")
+        fn = import_factory(ref, key="data.path")  # found from the current directory too
     except ConfigError as e:
         raise DataError(e.problems[0]) from None
     try:

@@ -72,13 +72,20 @@ def check_population(cfg: StudyConfig, size: int, data: ImageData) -> None:
     if varied:
         raise StudyError(f"population {size} (--population or [study] population): the search space varies "
                          f"{', '.join(varied)}, which the members of a population share; use --population 1")
+    if problem := _unstackable(cfg, data.input_shape, len(data.classes)):
+        raise StudyError(f"population {size} (--population or [study] population) on model {cfg.model.family}: "
+                         f"{problem}")
+
+
+def _unstackable(cfg: StudyConfig, input_shape: tuple[int, ...], num_classes: int) -> ModelError | None:
+    """Why the population engine cannot stack the study's model, or None where it can."""
     with torch.device("meta"):  # shapes only, nothing allocated
-        model = build_model(cfg.model, data.input_shape, len(data.classes))
+        model = build_model(cfg.model, input_shape, num_classes)
     try:
         stackable(model)
     except ModelError as e:
-        raise StudyError(f"population {size} (--population or [study] population) on model {cfg.model.family}: "
-                         f"{e}") from None
+        return e
+    return None
 
 
 def member_bytes(cfg: StudyConfig, input_shape: tuple[int, ...], num_classes: int) -> int:
@@ -99,12 +106,8 @@ def auto_population(cfg: StudyConfig, device: torch.device, input_shape: tuple[i
     """``population = 0``: one on a CPU (where a population is slower, README), where the space varies
     what members share, or the model does not stack, and on CUDA until AUTO_ON_CUDA; then as many as
     half the free memory holds, at most AUTO_CAP and the study's N."""
-    if device.type != "cuda" or not AUTO_ON_CUDA or _shared_varied(cfg):
-        return 1
-    try:
-        with torch.device("meta"):
-            stackable(build_model(cfg.model, input_shape, num_classes))
-    except ModelError:
+    if device.type != "cuda" or not AUTO_ON_CUDA or _shared_varied(cfg) or _unstackable(cfg, input_shape,
+                                                                                          num_classes):
         return 1
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(AUTO_CAP, target, int(MEMORY_SHARE * free) // member_bytes(cfg, input_shape, num_classes)))
