@@ -31,7 +31,8 @@ from engine import add_common_args, data_config, machine, write_results  # noqa:
 from hpo import build_model, load_data, make_augment, resolve_device  # noqa: E402
 from hpo.config.schema import ModelConfig, TrainConfig  # noqa: E402
 from hpo.engine.data import make_splits, to_device  # noqa: E402
-from hpo.engine.loop import TrainStep, make_optimizer  # noqa: E402
+from hpo.engine.loop import Forward, TrainStep  # noqa: E402
+from hpo.engine.optim import make_optimizer  # noqa: E402
 
 TRACE_STEPS = 20
 
@@ -47,7 +48,7 @@ def measure(train, batch_size: int, graphs: bool, trace: Path) -> dict:
     model = build_model(ModelConfig()).to(device)
     optimizer = make_optimizer(model, TrainConfig(batch_size=batch_size), graphs)
     sums = torch.zeros(4, device=device)
-    step = TrainStep(model, optimizer, sums, batch_size, graphs)
+    step = TrainStep(Forward(model, TrainConfig(), images=True), optimizer, sums, batch_size, graphs)
     augment, gen = make_augment("none"), torch.Generator(device).manual_seed(0)
     steps = math.ceil(len(train) / batch_size)
 

@@ -59,6 +59,16 @@ def test_label_smoothing_and_adamw_pass(cfg, data):
     assert report.passed, report.to_dict()
 
 
+@pytest.mark.parametrize("model", ["", "family = 'cnn'\nwidth = 4\nstem = 4\ndepth = 2"])
+def test_the_gate_passes_under_bf16_for_the_mlp_and_the_cnn(study_file, data, model):
+    """Memorizing one sample and one batch still gets there with bf16 matmuls and convs."""
+    cfg = load_study(study_file(f"augment = 'flip-shift'\n[model]\n{model}\n[train]\noptimizer = 'sgd'\n"
+                                "nesterov = true\nlr = 0.05\nbatch_size = 64\nschedule = 'one-cycle'\n"
+                                "precision = 'bf16'"))
+    report = run_checks(cfg, data, CPU)
+    assert report.passed, report.to_dict()
+
+
 def test_wrong_output_size(cfg, data):
     report = run_checks(cfg, data, CPU, model_fn=lambda: build_model(cfg.model, (3, 32, 32), 9))
     assert "output_shape" in failed(report) and not report.passed

@@ -47,7 +47,7 @@ def test_an_unknown_model_key_is_one_line_naming_the_accepted_ones(study_file):
 
 
 @pytest.mark.parametrize(("body", "expected"), [
-    ('[model]\nfamily = "transformer"\n', "model.family: must be one of 'mlp' or 'package.module:factory'"),
+    ('[model]\nfamily = "transformer"\n', "model.family: must be one of 'mlp', 'cnn' or 'package.module:factory'"),
     ('[model]\nfamily = "no_such_module:build"\n', "model.family: cannot import 'no_such_module' "
                                                    "(ModuleNotFoundError"),
     ('[model]\nfamily = "factories:no_such"\n', "model.family: 'factories' has no function 'no_such'"),

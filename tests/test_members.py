@@ -75,6 +75,23 @@ def test_a_population_is_refused_for_a_model_it_cannot_stack(study_file, tmp_pat
     assert not (tmp_path / "study.db").exists()
 
 
+@pytest.mark.parametrize("model, train, why", [
+    ("family = 'cnn'\nwidth = 4\nstem = 4", "", "a population stacks only an nn.Sequential of Flatten, Linear, "
+     "BatchNorm1d, ReLU, Dropout layers; this model has Conv2d, BatchNorm2d, GELU, MaxPool2d, AdaptiveMaxPool2d"),
+    ("", "schedule = 'one-cycle'\nprecision = 'bf16'", "a population trains only with train.schedule = 'step', "
+     "train.precision = 'fp32', train.nesterov = False; this study has train.schedule = 'one-cycle', "
+     "train.precision = 'bf16'"),
+])
+def test_a_population_is_refused_for_the_cnn_and_for_training_it_does_not_compute(study_file, tmp_path, model,
+                                                                                   train, why):
+    path = study_file(f"[model]\n{model}\n[train]\n{train}\n")
+    r = hpo_main("run", path, "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--population", "2", "--device", "cpu")
+    family = "cnn" if model else "mlp"
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"hpo: population 2 (--population or [study] population) on model {family}: {why}: use --population 1"]
+    assert not (tmp_path / "study.db").exists()
+
+
 def test_members_of_one_population_have_their_own_dropout(study_file, tmp_path):
     """model.dropout is a member's own (hpo.engine.population): a space that varies it runs as one population,
     and each trial's best.pt is its solo model's, Dropout layers and all."""

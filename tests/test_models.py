@@ -51,3 +51,18 @@ def test_a_broken_factory_is_one_line():
         build_model(ModelConfig("factories:raises", {"width": 8}))
     with pytest.raises(ModelError, match="must return an nn.Module, got str"):
         build_model(ModelConfig("factories:returns_a_string", {}))
+
+
+def test_the_cnn_family_is_airbench_s_shape_for_any_image_size():
+    model = build_model(ModelConfig("cnn", {"width": 8, "widen": 2, "depth": 3, "stem": 4}), (1, 8, 8), 5)
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [4, 8, 8, 16, 16, 16, 16] and model.head.in_features == 16
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 3
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
+
+
+def test_the_cnn_family_refuses_features_and_a_depth_the_images_cannot_take():
+    with pytest.raises(ModelError, match=r"depth 4 halves 8x8 images below one pixel: use model.depth <= 3$"):
+        build_model(ModelConfig("cnn", {"width": 8, "widen": 2, "depth": 4, "stem": 4}), (3, 8, 8))
+    with pytest.raises(ModelError, match=r"takes images \[C, H, W\], got inputs of shape \[20\]"):
+        build_model(ModelConfig("cnn", {"width": 8, "widen": 2, "depth": 1, "stem": 4}), (20,))

@@ -24,7 +24,7 @@ def test_explore_reports_the_recipe_s_numbers(tmp_path):
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout.splitlines()[-1])
     data = synthetic()
-    assert stats["num_classes"] == 10 and stats["channels"] == 3 and stats["resolution"] == [32, 32]
+    assert stats["num_classes"] == 10 and stats["input_shape"] == [3, 32, 32]
     assert stats["dtype"] == "uint8" and stats["class_counts"]["all training images"] == [100] * 10
     assert stats["split_sizes"] == {"all training images": 1000, "train split": 600, "val split": 200, "test": 200}
     assert all(stats["balanced"].values())
@@ -40,6 +40,27 @@ def test_explore_reports_the_recipe_s_numbers(tmp_path):
     assert "Plotly.newPlot" in page and 'src="https://cdn.plot.ly' not in page  # plotly.js is inlined
     assert json.loads((tmp_path / "ex" / "explore.json").read_text()) == stats
 
+
+
+def test_explore_takes_grayscale_images_and_float_features(tmp_path):
+    from hpo.config.schema import DataConfig
+    from hpo.engine.data import from_arrays
+    from hpo.recipe.explore import explore, explore_lines
+
+    rng = np.random.default_rng(0)
+    cfg = DataConfig(train_size=0.6, val_size=0.2, subset_size=0.3)
+    y = np.arange(60) % 3
+    gray = from_arrays({"x_train": rng.integers(0, 256, (60, 8, 8), dtype=np.uint8), "y_train": y}, "gray.npz")
+    stats = explore(gray, cfg, tmp_path / "gray")
+    assert stats["input_shape"] == [1, 8, 8] and len(stats["pixel_stats_train_split"]["mean"]) == 1
+    assert "images 1 channels 8x8 uint8" in explore_lines(stats)[0]
+    assert "Sample images" in (tmp_path / "gray" / "explore.html").read_text()
+
+    features = from_arrays({"x_train": rng.normal(2.0, 1.0, (60, 5)).astype(np.float32), "y_train": y}, "f.npz")
+    stats = explore(features, cfg, tmp_path / "features")
+    assert stats["input_shape"] == [5] and abs(stats["pixel_stats_train_split"]["mean"][0] - 2.0) < 0.5
+    assert "features 5 float32" in explore_lines(stats)[0]
+    assert "Sample images" not in (tmp_path / "features" / "explore.html").read_text()
 
 def test_the_study_report_has_every_figure(finished_study, tmp_path):
     tmp, path, url = finished_study

@@ -61,6 +61,8 @@ def test_the_top_k_retrained_together_are_the_runs_retrained_one_by_one(study_fi
 def test_settings_of_another_shape_are_retrained_one_by_one(study_file, tmp_path):
     handle = _finished(study_file, tmp_path, '"model.hidden" = [16, 32, 64]')
     cfgs = [handle.cfg.with_params(t.params) for t in handle.trials()]
-    assert not shareable(cfgs) and shareable([cfgs[0], cfgs[0]])
+    assert not shareable(cfgs, synthetic()) and shareable([cfgs[0], cfgs[0]], synthetic())
+    one_cycle = cfgs[0].with_params({"train.schedule": "one-cycle"})
+    assert not shareable([one_cycle, one_cycle], synthetic())  # a schedule the population does not compute
     result = retrain(handle, CPU, tmp_path / "out", tmp_path / "art", synthetic(), log=None, together=True)
     assert len(result.transfer) == 2 and len(list((tmp_path / "out").iterdir())) == 2

@@ -8,8 +8,9 @@ from hpo.config.schema import DataConfig, ModelConfig, TrainConfig
 from hpo.engine.augment import make_augment
 from hpo.engine.checkpoints import Checkpoints, load_checkpoint
 from hpo.engine.data import normalize, resolve_device, training_splits
-from hpo.engine.loop import fit, make_optimizer
+from hpo.engine.loop import fit
 from hpo.engine.models import build_model
+from hpo.engine.optim import make_optimizer
 from hpo.engine.records import Stop, TrainingDiverged
 from hpo.engine.sources import synthetic
 

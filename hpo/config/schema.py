@@ -65,8 +65,19 @@ class MLPKeys:
     dropout: float = field(default=0.0, metadata=_rng(0.0, 0.95))  # after each ReLU
 
 
+@dataclass(frozen=True)
+class CNNKeys:
+    """``[model]`` of ``family = "cnn"``: airbench's shape. A 3x3 conv stem, then ``depth`` groups of
+    (conv, max-pool, BN, GELU, conv, BN, GELU), each halving the resolution; a global max-pool and a linear head."""
+
+    width: int = field(default=64, metadata=_rng(1, 4096))  # channels of the first group; airbench94: 64
+    widen: int = field(default=2, metadata=_rng(1, 16))  # the later groups are width * widen wide; airbench94: 4
+    depth: int = field(default=3, metadata=_rng(1, 16))  # groups; 3 takes 32x32 images to 4x4
+    stem: int = field(default=32, metadata=_rng(1, 4096))  # channels of the stem conv; airbench94: 24
+
+
 # The families hpo builds itself (hpo.engine.models), each with the dataclass of its [model] keys.
-BUILT_IN_FAMILIES: dict[str, type] = {"mlp": MLPKeys}
+BUILT_IN_FAMILIES: dict[str, type] = {"mlp": MLPKeys, "cnn": CNNKeys}
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # recipe: Adam; AdamW decouples weight decay
     lr: float = field(default=1e-3, metadata=_rng(0.0, 10.0))  # recipe: 1e-3
     momentum: float = field(default=0.9, metadata=_rng(0.0, 1.0))  # SGD only
+    nesterov: bool = False  # SGD with momentum only; airbench trains with it
     weight_decay: float = field(default=0.0, metadata=_rng(0.0, 1.0))  # the recipe pairs it with SGD
     batch_size: int = field(default=32, metadata=_rng(1))  # recipe: 32
     label_smoothing: float = field(default=0.0, metadata=_rng(0.0, 0.5))  # of the train loss; val loss stays plain
@@ -108,6 +120,14 @@ class TrainConfig:
     patience: int = field(default=0, metadata=_rng(0))  # early stopping; 0 turns it off
     step_size: int = field(default=0, metadata=_rng(0))  # StepLR period in epochs; 0 turns it off
     gamma: float = field(default=0.1, metadata=_rng(0.0, 1.0, lo_open=True))  # StepLR factor
+    # The lr over a run: "step" is StepLR (step_size, gamma; step_size 0 keeps lr constant), the recipe's.
+    # "one-cycle" rises linearly over the first `warmup` of the run's batches, then falls linearly to 0;
+    # "linear" falls linearly from lr to 0. Both move every batch and are sized by epochs, not by patience.
+    schedule: Literal["step", "one-cycle", "linear"] = "step"
+    warmup: float = field(default=0.2, metadata=_rng(0.0, 1.0))  # one-cycle only: the share of batches rising
+    # "bf16": the forward and backward passes under torch.autocast(bfloat16), weights and optimizer in fp32;
+    # conv nets also run channels_last. fp32 by default (README, Precision).
+    precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0  # model init, shuffling and augmentation
 
 

@@ -183,8 +183,9 @@ def _memorize(ctx: _Context, name: str, idx: np.ndarray, max_epochs: int, done: 
     if len(idx) == 1:
         model = _batch_norm_from_running_stats(model)
     # Plain cross-entropy: a smoothed loss has a floor (0.5 at smoothing 0.1) above the thresholds.
+    # A constant lr: a one-cycle over these few steps would spend them warming up.
     cfg = dataclasses.replace(ctx.cfg.train, batch_size=len(idx), epochs=max_epochs, patience=0, step_size=0,
-                              label_smoothing=0.0)
+                              schedule="step", label_smoothing=0.0)
     try:
         result = fit(model, TrainVal(split, split), cfg, make_augment("none"), on_epoch=done)
     except RuntimeError as e:  # e.g. nothing requires grad: backward() refuses
@@ -209,7 +210,7 @@ def check_fit_one_batch(ctx: _Context) -> Check:
 
 def check_baselines(ctx: _Context) -> list[Check]:
     train_idx, val_idx = ctx.splits.train[:BASELINE_TRAIN], ctx.splits.val[:BASELINE_VAL]
-    cfg = dataclasses.replace(ctx.cfg.train, epochs=BASELINE_EPOCHS, patience=0, step_size=0)
+    cfg = dataclasses.replace(ctx.cfg.train, epochs=BASELINE_EPOCHS, patience=0, step_size=0, schedule="step")
 
     def accuracy(zero: bool, augment: str) -> float:
         torch.manual_seed(cfg.seed)

@@ -17,25 +17,27 @@ from torch import nn
 from hpo.config.schema import TrainConfig
 from hpo.engine.augment import Augment
 from hpo.engine.data import DeviceSplit, TrainVal, normalize
+from hpo.engine.models import has_convs
+from hpo.engine.optim import PerBatchLR, make_optimizer, make_scheduler
 from hpo.engine.records import EpochStats, FitResult, Stop, TrainingDiverged
 
 EVAL_BATCH = 1000  # the recipe's val batch size; only bounds memory
 
 
+class Forward:
+    """The model's forward pass as ``train.precision`` runs it: under bf16 autocast or in fp32, conv
+    nets on images channels_last (2x faster on CPU for a CNN; nothing changes for an MLP).
+    Logits come out fp32, so the loss and the metrics are summed in fp32 either way."""
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, graphs: bool = False) -> torch.optim.Optimizer:
-    """The recipe's optimizer, fused: one kernel over all parameters (CPU and CUDA alike).
+    def __init__(self, model: nn.Module, cfg: TrainConfig, images: bool):
+        self.model, self.bf16 = model, cfg.precision == "bf16"
+        self.layout = torch.channels_last if images and has_convs(model) else torch.contiguous_format
+        model.to(memory_format=self.layout)
 
-    For CUDA graphs the step must be capturable and the lr a device tensor, which StepLR then
-    updates in place: a float lr would be frozen into the captured kernel.
-    """
-    device = next(model.parameters()).device
-    lr = torch.tensor(cfg.lr, device=device) if graphs else cfg.lr
-    if cfg.optimizer == "sgd":  # SGD keeps no step count on the host: capturable as it is
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, fused=True)
-    adam = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=graphs)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # No weight cache: a CUDA graph captures the casts, which must run at each replay.
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            return self.model(x.contiguous(memory_format=self.layout)).float()
 
 
 class TrainStep:
@@ -50,9 +52,9 @@ class TrainStep:
 
     WARMUP = 3
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, sums: torch.Tensor, batch_size: int,
+    def __init__(self, forward: Forward, optimizer: torch.optim.Optimizer, sums: torch.Tensor, batch_size: int,
                  graphs: bool, label_smoothing: float = 0.0):
-        self.model, self.optimizer, self.sums, self.batch_size = model, optimizer, sums, batch_size
+        self.forward, self.optimizer, self.sums, self.batch_size = forward, optimizer, sums, batch_size
         # sums: per-sample means come out exact
         self.criterion = nn.CrossEntropyLoss(reduction="sum", label_smoothing=label_smoothing)
         self.warmup = self.WARMUP if graphs else None  # None: never capture
@@ -61,7 +63,7 @@ class TrainStep:
 
     def eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
+        logits = self.forward(x)
         loss = self.criterion(logits, y)
         (loss / len(y)).backward()
         self.optimizer.step()
@@ -91,13 +93,16 @@ class TrainStep:
             graph.replay()  # capture records the step without running it
 
 
-def _eval_sums(model: nn.Module, split: DeviceSplit, criterion: nn.Module) -> torch.Tensor:
-    """Summed loss and correct count over ``split`` in eval mode, in chunks that bound memory."""
+def _eval_sums(model: nn.Module, split: DeviceSplit, criterion: nn.Module,
+               forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Summed loss and correct count over ``split`` in eval mode (through ``forward``, else in fp32),
+    in chunks that bound memory."""
     model.eval()
+    forward = forward or model
     sums = torch.zeros(2, device=split.x.device)
     with torch.no_grad():
         for x, y in zip(split.x.split(EVAL_BATCH), split.y.split(EVAL_BATCH), strict=True):
-            logits = model(normalize(x))
+            logits = forward(normalize(x))
             sums[0] += criterion(logits, y)
             sums[1] += (logits.argmax(1) == y).sum()
     return sums
@@ -159,12 +164,12 @@ class LoopState(EpochLog):
     stopped: the epoch log, the optimizer, the scheduler and the generator that shuffles and
     augments. Like torch's stateful objects it owns ``state_dict`` and ``load_state_dict``."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, graphs: bool):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, graphs: bool, batches: int = 1):
         super().__init__()
         device = next(model.parameters()).device
         self.optimizer = make_optimizer(model, cfg, graphs)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.step_size, cfg.gamma) if cfg.step_size \
-            else None
+        self.scheduler = make_scheduler(self.optimizer, cfg, batches)
+        self.per_batch = isinstance(self.scheduler, PerBatchLR)  # else StepLR steps each epoch, as the recipe's
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
 
     def state_dict(self) -> dict[str, Any]:
@@ -203,9 +208,10 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
     # -- setup: everything lives on the training device
     device = data.train.x.device
     graphs = cuda_graphs and device.type == "cuda"
-    state = LoopState(model, cfg, graphs)
+    forward = Forward(model, cfg, data.train.x.dim() == 4)
+    state = LoopState(model, cfg, graphs, batches=math.ceil(len(data.train) / cfg.batch_size))
     sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct; one tensor the graph adds to
-    step = TrainStep(model, state.optimizer, sums, cfg.batch_size, graphs, cfg.label_smoothing)
+    step = TrainStep(forward, state.optimizer, sums, cfg.batch_size, graphs, cfg.label_smoothing)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if checkpoints:
         checkpoints.resume(model, state)
@@ -224,11 +230,13 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
         for x, y in augment.batches(data.train, cfg.batch_size, state.generator):
             step(x, y)
             seen += len(y)
+            if state.per_batch:  # on the host: a graph reads the lr tensor that this fills
+                state.scheduler.step()
         sync()
         t_train = time.perf_counter() - t0
 
         # -- validate
-        sums[2:] = _eval_sums(model, data.val, nn.CrossEntropyLoss(reduction="sum"))  # unsmoothed: comparable
+        sums[2:] = _eval_sums(model, data.val, nn.CrossEntropyLoss(reduction="sum"), forward)  # unsmoothed
         loss_sum, correct, val_loss_sum, val_correct = sums.tolist()  # the epoch's one sync
         stats = EpochStats(epoch, loss_sum / seen, correct / seen, val_loss_sum / len(data.val),
                            val_correct / len(data.val), lr, time.perf_counter() - t0)
@@ -238,7 +246,7 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
 
         # -- the recipe's best-epoch checkpoint, its StepLR and early stopping
         state.record(stats, model.state_dict)
-        if state.scheduler:
+        if state.scheduler and not state.per_batch:
             state.scheduler.step()
         stop = state.stopping(cfg, requested=bool(on_epoch and on_epoch(stats)))
         if checkpoints:

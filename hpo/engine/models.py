@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from hpo.config.families import import_factory
-from hpo.config.schema import BUILT_IN_FAMILIES, MLPKeys, ModelConfig
+from hpo.config.schema import BUILT_IN_FAMILIES, CNNKeys, MLPKeys, ModelConfig
 from hpo.engine.records import ModelError
 
 
@@ -47,6 +47,38 @@ def _positional_names(module: nn.Sequential, state: dict, prefix: str, *_: Any) 
             state[f"{prefix}{names[int(position)]}.{rest}"] = state.pop(key)
 
 
+def _conv_bn(name: str, c_in: int, c_out: int, pool: bool = False) -> list[tuple[str, nn.Module]]:
+    """A 3x3 conv (no bias: the BN after it has one), optionally a 2x2 max-pool, BN and GELU."""
+    layers = [(f"conv{name}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))]
+    layers += [(f"pool{name}", nn.MaxPool2d(2))] if pool else []
+    return layers + [(f"bn{name}", nn.BatchNorm2d(c_out)), (f"act{name}", nn.GELU())]
+
+
+def cnn(input_shape: Sequence[int], num_classes: int, **keys: Any) -> nn.Sequential:
+    """airbench's network: a conv stem, then ``depth`` groups of two convs, the first pooling by 2
+    (its BN after the pool, as airbench has it: a quarter of the work), a global max-pool, a head."""
+    cfg = CNNKeys(**keys)
+    if len(input_shape) != 3:
+        raise ValueError(f"the cnn family takes images [C, H, W], got inputs of shape {list(input_shape)}: "
+                         f"use family = \"mlp\" for features")
+    channels, *size = input_shape
+    if min(size) >> cfg.depth < 1:
+        raise ValueError(f"depth {cfg.depth} halves {size[0]}x{size[1]} images below one pixel: use model.depth <= "
+                         f"{min(size).bit_length() - 1}")
+    layers, width = _conv_bn("0", channels, cfg.stem), cfg.stem
+    for i in range(1, cfg.depth + 1):
+        group = cfg.width * (cfg.widen if i > 1 else 1)
+        layers += _conv_bn(f"{i}a", width, group, pool=True) + _conv_bn(f"{i}b", group, group)
+        width = group
+    layers += [("pool", nn.AdaptiveMaxPool2d(1)), ("flatten", nn.Flatten()), ("head", nn.Linear(width, num_classes))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+def has_convs(model: nn.Module) -> bool:
+    """Whether ``model`` has 2-d convolutions, which run faster channels_last (hpo.engine.loop)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5  # nn.BatchNorm1d's defaults, which the population engine computes
 STACKABLE = (nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Dropout)  # what Population.forward computes
 
@@ -65,7 +97,7 @@ def stackable(model: nn.Module) -> None:
                          f"layers; this model has {', '.join(dict.fromkeys(odd))}: use --population 1")
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
 assert BUILDERS.keys() == BUILT_IN_FAMILIES.keys(), "each built-in family needs a builder and a dataclass"
 
 

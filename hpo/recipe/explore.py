@@ -33,6 +33,24 @@ def _channel_stats(images: np.ndarray) -> dict[str, list[float]]:
     return {"mean": [round(v, 4) for v in mean], "std": [round(v, 4) for v in std], "min": lo, "max": hi}
 
 
+def _feature_stats(x: np.ndarray) -> dict[str, list[float]]:
+    """Float features' stats, over all features at once: a per-feature list would swamp the page."""
+    return {k: [round(float(f(x)), 4)] for k, f in
+            {"mean": np.mean, "std": np.std, "min": np.min, "max": np.max}.items()}
+
+
+def _sample_grid(data: ImageData, pick: np.ndarray) -> Any:
+    """The recipe's grid of sample images with their labels."""
+    import plotly.express as px
+
+    images = data.train_x[pick]
+    grid = px.imshow(images[..., 0] if images.shape[-1] == 1 else images, facet_col=0, facet_col_wrap=5,
+                     binary_string=True)
+    for annotation in grid.layout.annotations:  # "facet_col=k", in plotly's own (row-reversed) order
+        annotation.text = data.classes[data.train_y[pick[int(annotation.text.rpartition("=")[2])]]]
+    return grid.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False).update_layout(height=600)
+
+
 def explore(data: ImageData, cfg: DataConfig, out: Path, seed: int = 0) -> dict[str, Any]:
     """Everything the recipe looks at before training; writes explore.html and explore.json."""
     splits = make_splits(data.train_y, cfg)
@@ -40,29 +58,25 @@ def explore(data: ImageData, cfg: DataConfig, out: Path, seed: int = 0) -> dict[
               "val split": data.train_y[splits.val], "test": data.test_y}
     counts = {k: np.bincount(v, minlength=len(data.classes)).tolist() for k, v in labels.items()}
     balanced = {k: min(c) > 0 and max(c) / min(c) <= IMBALANCE_WARNING for k, c in counts.items()}
-    n, h, w, c = data.train_x.shape
+    n = len(data.train_x)
     stats = {
         "problem": "multiclass classification", "num_classes": len(data.classes), "classes": list(data.classes),
         "images": {"train_folder": n, "test_folder": len(data.test_x)},
         "split_sizes": {k: len(v) for k, v in labels.items()}, "class_counts": counts, "balanced": balanced,
-        "channels": c, "resolution": [h, w], "dtype": str(data.train_x.dtype),
-        "pixel_stats_train_split": _channel_stats(data.train_x[splits.train]),
+        "input_shape": list(data.input_shape), "dtype": str(data.train_x.dtype),
+        "pixel_stats_train_split": _feature_stats(data.train_x[splits.train]) if data.features
+        else _channel_stats(data.train_x[splits.train]),
     }
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(n, size=15, replace=False)
-    import plotly.express as px
     import plotly.graph_objects as go
 
-    grid = px.imshow(data.train_x[pick], facet_col=0, facet_col_wrap=5, binary_string=True)
-    for annotation in grid.layout.annotations:  # "facet_col=k", in plotly's own (row-reversed) order
-        annotation.text = data.classes[data.train_y[pick[int(annotation.text.rpartition("=")[2])]]]
-    grid.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False).update_layout(height=600)
     bars = go.Figure([go.Bar(name=k, x=list(data.classes), y=v) for k, v in counts.items()])
     bars.update_layout(barmode="group", xaxis_title="class", yaxis_title="images")
     summary = [{"what": k, "value": json.dumps(v)} for k, v in stats.items() if k != "class_counts"]
+    sections = [("Summary", table(summary))]
+    if not data.features:
+        sections.append(("Sample images", _sample_grid(data, np.random.default_rng(seed).choice(n, 15, replace=False))))
     out.mkdir(parents=True, exist_ok=True)
-    write_html(out / "explore.html", "Data exploration",
-               [("Summary", table(summary)), ("Sample images", grid), ("Class histogram", bars)])
+    write_html(out / "explore.html", "Data exploration", [*sections, ("Class histogram", bars)])
     write_json(out / "explore.json", stats)
     return stats
 
@@ -70,8 +84,10 @@ def explore(data: ImageData, cfg: DataConfig, out: Path, seed: int = 0) -> dict[
 def explore_lines(stats: dict[str, Any]) -> list[str]:
     """What ``hpo explore`` prints of :func:`explore`'s numbers."""
     s = stats["pixel_stats_train_split"]
-    return [f"{stats['problem']}, {stats['num_classes']} classes; images {stats['channels']} channels "
-            f"{stats['resolution'][0]}x{stats['resolution'][1]} {stats['dtype']}",
+    shape = stats["input_shape"]
+    what = f"features {shape[0]} {stats['dtype']}" if len(shape) == 1 else \
+        f"images {shape[0]} channels {shape[1]}x{shape[2]} {stats['dtype']}"
+    return [f"{stats['problem']}, {stats['num_classes']} classes; {what}",
             *(f"{split:<19} {sum(counts):>6} images, per class {counts} "
               f"({'balanced' if stats['balanced'][split] else 'UNBALANCED'})"
               for split, counts in stats["class_counts"].items()),

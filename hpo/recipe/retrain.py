@@ -100,7 +100,7 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     data = data if data is not None else load_data(cfgs[0].data.path)
     # As one population where they can share one (same model shape, optimizer...): by default on CUDA
     # alone, where launches dominate; on a CPU a population is slower (README).
-    if (device.type == "cuda" if together is None else together) and len(cfgs) > 1 and shareable(cfgs):
+    if (device.type == "cuda" if together is None else together) and len(cfgs) > 1 and shareable(cfgs, data):
         runs = train_together(cfgs, device, out, data, log)
     else:
         runs = [train_run(cfg, device, out, data, log=log) for cfg in cfgs]

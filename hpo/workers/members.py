@@ -48,6 +48,8 @@ MEMORY_SHARE = 0.5  # of the device's free memory an automatic size fills: room 
 # Whether population = 0 sizes a population from CUDA's free memory. Not until bench/gpu.sh has measured a
 # population beating solo trials on a GPU, which it has not yet: 0 picks 1 there too (README, Population training).
 AUTO_ON_CUDA = False
+# The training the population engine computes; any other value of these keys trains solo.
+SOLO_TRAINING = {"schedule": "step", "precision": "fp32", "nesterov": False}
 
 
 def _shared_varied(cfg: StudyConfig) -> list[str]:
@@ -78,7 +80,13 @@ def check_population(cfg: StudyConfig, size: int, data: ImageData) -> None:
 
 
 def _unstackable(cfg: StudyConfig, input_shape: tuple[int, ...], num_classes: int) -> ModelError | None:
-    """Why the population engine cannot stack the study's model, or None where it can."""
+    """Why the population engine cannot train the study's model, or None where it can: the layers it
+    stacks, and the training it computes (StepLR, fp32, plain momentum)."""
+    odd = [f"train.{k} = {getattr(cfg.train, k)!r}" for k, v in SOLO_TRAINING.items() if getattr(cfg.train, k) != v]
+    odd += [f"a searched train.{k}" for k in SOLO_TRAINING if f"train.{k}" in cfg.search]
+    if odd:
+        plain = ", ".join(f"train.{k} = {v!r}" for k, v in SOLO_TRAINING.items())
+        return ModelError(f"a population trains only with {plain}; this study has {', '.join(odd)}: use --population 1")
     with torch.device("meta"):  # shapes only, nothing allocated
         model = build_model(cfg.model, input_shape, num_classes)
     try:
@@ -236,14 +244,16 @@ def work_population(handle: StudyHandle, data: ImageData, device: torch.device, 
                 written = time.perf_counter()
 
 
-def shareable(cfgs: Sequence[StudyConfig]) -> bool:
-    """Whether these settings can train as one population: equal in all that members share."""
+def shareable(cfgs: Sequence[StudyConfig], data: ImageData) -> bool:
+    """Whether these settings can train as one population: equal in all that members share, and
+    each of a model and training that the population engine computes."""
     def shared(cfg: StudyConfig) -> dict[str, Any]:
         d = cfg.to_dict()
         flat = {f"{section}.{k}": v for section in ("data", "model", "train") for k, v in d[section].items()}
         return {k: v for k, v in flat.items() if k.startswith(SHARED) and not _own(cfg, k) and k != "data.path"}
 
-    return all(shared(c) == shared(cfgs[0]) for c in cfgs)
+    return all(shared(c) == shared(cfgs[0]) and not _unstackable(c, data.input_shape, len(data.classes))
+               for c in cfgs)
 
 
 def train_together(cfgs: Sequence[StudyConfig], device: torch.device, out: Path, data: ImageData,
