@@ -48,7 +48,7 @@ def stepper(model_cfg: ModelConfig, precision: str, train, device: torch.device)
     model = build_model(model_cfg).to(device)
     cfg = TrainConfig(optimizer="sgd", nesterov=True, lr=0.01, batch_size=BATCH, precision=precision)
     optimizer = make_optimizer(model, cfg)
-    step = TrainStep(Forward(model, cfg, images=True), optimizer, torch.zeros(4, device=device), BATCH, False)
+    step = TrainStep(Forward(model, cfg, images=True, device=device), optimizer, torch.zeros(4, device=device), BATCH, False)
     augment, gen = make_augment("flip-shift"), torch.Generator(device).manual_seed(0)
     model.train()
 

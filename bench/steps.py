@@ -48,7 +48,7 @@ def measure(train, batch_size: int, graphs: bool, trace: Path) -> dict:
     model = build_model(ModelConfig()).to(device)
     optimizer = make_optimizer(model, TrainConfig(batch_size=batch_size), graphs)
     sums = torch.zeros(4, device=device)
-    step = TrainStep(Forward(model, TrainConfig(), images=True), optimizer, sums, batch_size, graphs)
+    step = TrainStep(Forward(model, TrainConfig(), images=True, device=device), optimizer, sums, batch_size, graphs)
     augment, gen = make_augment("none"), torch.Generator(device).manual_seed(0)
     steps = math.ceil(len(train) / batch_size)
 

@@ -195,3 +195,19 @@ def test_adamw_decays_the_weights_apart_from_the_gradient(splits):
     net, adamw = run(splits, epochs=2, lr=0.01, optimizer="adamw", weight_decay=0.1)
     assert adam.history[-1].loss != adamw.history[-1].loss
     assert isinstance(make_optimizer(net, TrainConfig(optimizer="adamw")), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_precision_runs_bf16_as_asked_and_auto_only_where_the_hardware_has_it(precision):
+    from hpo.engine.loop import Forward, native_bf16
+
+    model = build_model(ModelConfig("cnn", {"width": 4, "widen": 1, "depth": 1, "stem": 4}))
+    forward = Forward(model, TrainConfig(precision=precision), images=True, device=torch.device("cpu"))
+    expected = {"fp32": False, "bf16": True, "auto": native_bf16(torch.device("cpu"))}[precision]
+    assert forward.bf16 is expected
+    x = torch.randn(2, 3, 8, 8)
+    conv = model.get_submodule("conv0")
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.is_contiguous(memory_format=torch.channels_last))))
+    logits = forward(x)
+    assert logits.dtype == torch.float32 and seen == [(torch.bfloat16 if expected else torch.float32, True)]

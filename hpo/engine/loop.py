@@ -24,13 +24,21 @@ from hpo.engine.records import EpochStats, FitResult, Stop, TrainingDiverged
 EVAL_BATCH = 1000  # the recipe's val batch size; only bounds memory
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls and convolutions in hardware, as ``precision = "auto"`` asks."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Forward:
-    """The model's forward pass as ``train.precision`` runs it: under bf16 autocast or in fp32, conv
+    """The model's forward pass as ``train.precision`` runs it on ``device``: under bf16 autocast or in fp32, conv
     nets on images channels_last (2x faster on CPU for a CNN; nothing changes for an MLP).
     Logits come out fp32, so the loss and the metrics are summed in fp32 either way."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, images: bool):
-        self.model, self.bf16 = model, cfg.precision == "bf16"
+    def __init__(self, model: nn.Module, cfg: TrainConfig, images: bool, device: torch.device):
+        self.model = model
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
         self.layout = torch.channels_last if images and has_convs(model) else torch.contiguous_format
         model.to(memory_format=self.layout)
 
@@ -208,7 +216,7 @@ def fit(model: nn.Module, data: TrainVal, cfg: TrainConfig, augment: Augment,
     # -- setup: everything lives on the training device
     device = data.train.x.device
     graphs = cuda_graphs and device.type == "cuda"
-    forward = Forward(model, cfg, data.train.x.dim() == 4)
+    forward = Forward(model, cfg, data.train.x.dim() == 4, device)
     state = LoopState(model, cfg, graphs, batches=math.ceil(len(data.train) / cfg.batch_size))
     sums = torch.zeros(4, device=device)  # loss, correct, val loss, val correct; one tensor the graph adds to
     step = TrainStep(forward, state.optimizer, sums, cfg.batch_size, graphs, cfg.label_smoothing)
