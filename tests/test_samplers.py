@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
@@ -9,7 +10,7 @@ from optuna.trial import TrialState
 from hpo import load_study
 from hpo.recipe.report import epoch_budget
 from hpo.study.reads import read_study
-from hpo.study.samplers import SeededTPE
+from hpo.study.samplers import SeededTPE, first_judged_epoch, make_pruner
 from hpo.workers.slots import Options
 from hpo.workers.worker import run_study
 
@@ -68,3 +69,36 @@ def test_hyperband_prunes_a_study_of_two_dozen_trials_and_the_epochs_saved_add_u
     assert saved.budget == 24 * 9 and saved.run == sum(t.user_attrs["epochs_run"] for t in trials)
     assert saved.saved_by_pruning == sum(9 - t.user_attrs["epochs_run"] for t in pruned) > 0
     assert f"{saved.run} of 216 run" in saved.line()
+
+
+
+def _one_cycle(study_file, pruner: str, schedule: str = "one-cycle"):
+    body = TPE.format(seed=0, n=30, pruner=pruner, epochs=9)
+    return load_study(study_file(body, name=f"{pruner}-{schedule}"), {"train.schedule": schedule, "train.warmup": 0.3})
+
+
+def _first_pruned_epochs(cfg) -> list[int]:
+    """The epoch at which each pruned trial of 30, reporting random val accs, was pruned."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
+    rng, pruned = np.random.default_rng(0), []
+    for _ in range(30):
+        trial = study.ask()
+        for epoch in range(1, cfg.train.epochs + 1):
+            trial.report(float(rng.random()), epoch)
+            if trial.should_prune():
+                pruned.append(epoch)
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, 0.5)
+    return pruned
+
+
+def test_no_pruner_judges_a_trial_inside_a_one_cycle_warmup(study_file):
+    """One-cycle over 9 epochs with 30% warmup rises until epoch 2.7: every pruner judges
+    from epoch 4, the first after it; with the recipe's StepLR, hyperband judges from epoch 1."""
+    assert first_judged_epoch(_one_cycle(study_file, "hyperband")) == 4
+    for pruner in ("hyperband", "successive_halving", "median"):
+        pruned = _first_pruned_epochs(_one_cycle(study_file, pruner))
+        assert pruned and min(pruned) >= 4 and (pruner == "median" or min(pruned) == 4), (pruner, pruned)
+    assert min(_first_pruned_epochs(_one_cycle(study_file, "hyperband", "step"))) == 1

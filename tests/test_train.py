@@ -208,6 +208,7 @@ def test_precision_runs_bf16_as_asked_and_auto_only_where_the_hardware_has_it(pr
     x = torch.randn(2, 3, 8, 8)
     conv = model.get_submodule("conv0")
     seen = []
-    conv.register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.is_contiguous(memory_format=torch.channels_last))))
+    conv.register_forward_hook(
+        lambda m, i, o: seen.append((o.dtype, o.is_contiguous(memory_format=torch.channels_last))))
     logits = forward(x)
     assert logits.dtype == torch.float32 and seen == [(torch.bfloat16 if expected else torch.float32, True)]

@@ -68,8 +68,8 @@ def parser() -> argparse.ArgumentParser:
                         help="failed trials (NaN loss, OOM, invalid parameters) before the study stops "
                              "(default: the larger of the study's N and 10)")
     runner.add_argument("--population", type=int, metavar="K",
-                        help="trials each worker trains together as one population; 0: 1 on a CPU, on CUDA as "
-                             "many as free memory holds (default: [study] population, 0)")
+                        help="trials each worker trains together as one population (the mlp family only); 0: "
+                             "1, until a population is measured faster on a GPU (default: [study] population, 0)")
     reader = argparse.ArgumentParser(add_help=False)  # read-only: the study by name, its stored config
     reader.add_argument("study", nargs="?", help="study file (TOML) whose study to read; or --study NAME")
     reader.add_argument("--study", dest="study_name", metavar="NAME", help="the study's name in the storage")
