@@ -118,8 +118,10 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-PG_ADMIN = os.environ.get("HPO_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-MYSQL_ADMIN = os.environ.get("HPO_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/")
+ADMIN_ENV = {"postgresql": "HPO_TEST_POSTGRES", "mysql": "HPO_TEST_MYSQL"}
+SERVER_NAMES = {"postgresql": "PostgreSQL", "mysql": "MariaDB (or MySQL)"}
+PG_ADMIN = os.environ.get(ADMIN_ENV["postgresql"], "postgresql://postgres@127.0.0.1:5432/postgres")
+MYSQL_ADMIN = os.environ.get(ADMIN_ENV["mysql"], "mysql+pymysql://root@127.0.0.1:3306/")
 KINDS = ["sqlite", "postgresql", "mysql"]  # the databases hpo coordinates workers on; CI runs both servers
 SERVERS = KINDS[1:]
 ADMIN_URLS = {"postgresql": PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1), "mysql": MYSQL_ADMIN}
@@ -137,8 +139,13 @@ def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
         return
     admin_url = sqlalchemy.engine.make_url(ADMIN_URLS[kind])
     admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.fail(f"no {SERVER_NAMES[kind]} at {admin_url.render_as_string()}: the storage tests need a real server "
+                    f"({type(e.orig).__name__}); start one, or point {ADMIN_ENV[kind]} at one (README, Tests)",
+                    pytrace=False)
     try:
         yield admin_url.set(database=name).render_as_string(hide_password=False)
     finally:
@@ -244,6 +251,26 @@ def hpo_main(*args, cwd=None) -> subprocess.CompletedProcess:
         finally:
             signal.signal(signal.SIGTERM, sigterm)  # main() takes SIGTERM as Ctrl-C
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """A test's own process ended, whatever it is doing: SIGTERM, as a user stops it, then SIGKILL after
+    ``grace`` seconds (a loaded machine can hold a clean shutdown up), so no teardown waits forever."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def browser_paths() -> tuple[str, str]:
+    """Chromium and its chromedriver, which the dashboard test drives; a test fails in one line without them."""
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail(f"no {'chromium' if not chromium else 'chromedriver'} on PATH: the dashboard test drives a real "
+                    f"browser; install it (Debian: apt-get install chromium chromium-driver)", pytrace=False)
+    return chromium, driver
 
 
 def first_checkpoint(out: Path, proc: subprocess.Popen) -> None:

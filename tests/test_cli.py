@@ -57,7 +57,7 @@ def test_bad_param_epochs_device_and_data(study_file, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.splitlines()) == 1 and message in r.stderr, (args, r.stderr)
     r = hpo_main("train", tmp_path / "missing.toml")
-    assert r.returncode == 2 and "no such study file" in r.stderr
+    assert r.returncode == 2 and "no such study file" in r.stderr and "`hpo train FILE --data synthetic`" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
@@ -158,3 +158,15 @@ def test_a_study_name_read_from_the_database_becomes_a_safe_folder_name(tmp_path
     if command == "retrain":
         (folder,) = {p.relative_to(out).parts[0] for p in written}
         assert folder.startswith("escaped-") and "/" not in folder and not folder.startswith(".")
+
+
+def test_each_command_s_help_says_what_it_does_and_shows_an_example_that_parses():
+    from hpo.cli import EXAMPLES, parser
+
+    commands = parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(EXAMPLES)
+    for name, example in EXAMPLES.items():
+        text = hpo_main(name, "--help").stdout
+        assert f"example: {example}" in " ".join(text.split()), name
+        assert parser().parse_args(example.split()[1:]).command == name
+    assert "start with: hpo pipeline" in " ".join(hpo_main("--help").stdout.split())

@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from conftest import FULL_DATA, hpo_cli, hpo_main
+from conftest import FULL_DATA, hpo_cli, hpo_main, stop
 from optuna.trial import TrialState
 
 from hpo.storages.remote import parse
@@ -52,8 +52,7 @@ class HpoProxy:
         assert f"storage proxy on {self.url}" in line, line + self.proc.stderr.read()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop(self.proc)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 import io
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from conftest import TRAINED_STUDY, hpo_cli, hpo_main
+from conftest import TRAINED_STUDY, browser_paths, hpo_cli, hpo_main, stop
 
 from hpo.engine.checkpoints import load_checkpoint
 from hpo.engine.sources import synthetic
@@ -130,7 +129,7 @@ def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"):
         options.add_argument(flag)
-    options.binary_location = shutil.which("chromium")
+    options.binary_location, chromedriver = browser_paths()
     browser = None
     try:
         deadline = time.time() + 60
@@ -140,7 +139,7 @@ def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished
                 break
             except OSError:
                 time.sleep(0.5)
-        browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        browser = webdriver.Chrome(service=Service(chromedriver), options=options)
         page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
         browser.get(f"http://127.0.0.1:{port}/dashboard")
         WebDriverWait(browser, 30).until(lambda _: "small" in page())
@@ -161,8 +160,7 @@ def test_the_dashboard_lists_the_study_and_its_trials_in_a_real_browser(finished
     finally:
         if browser:
             browser.quit()
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
 
 
 def test_retrain_takes_its_budget_from_the_study_file_s_retrain_section(finished_study, tmp_path):

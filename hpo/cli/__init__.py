@@ -22,10 +22,30 @@ from hpo.cli.commands import (
 from hpo.storages.retries import CHECKPOINT_EVERY, DB_TIMEOUT, DEFAULT_STORAGE, GRACE_PERIOD, HEARTBEAT_INTERVAL
 from hpo.workers.exits import run_command
 
+EXAMPLES = {  # shown under each command's --help; PATH: a local copy of CIFAR-10 in the ImageFolder layout
+    "train": "hpo train studies/recipe-baseline.toml --data synthetic --epochs 2",
+    "check": "hpo check studies/recipe-baseline.toml --data PATH",
+    "run": "hpo run studies/recipe-random-search.toml --data PATH --storage sqlite:///hpo.db",
+    "worker": "hpo worker studies/mlp-search.toml --data PATH --storage postgresql://hpo@db-host/hpo",
+    "pipeline": "hpo pipeline studies/recipe-random-search.toml --data PATH",
+    "best": "hpo best studies/recipe-random-search.toml --json",
+    "explore": "hpo explore --data PATH --out explore",
+    "report": "hpo report studies/recipe-random-search.toml --out report.html",
+    "dashboard": "hpo dashboard --storage sqlite:///hpo.db --port 8080",
+    "proxy": "hpo proxy --storage postgresql://hpo@db-host/hpo --host 0.0.0.0",
+    "retrain": "hpo retrain studies/recipe-random-search.toml --data PATH --top 3",
+}
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hpo", description="Hyperparameter search on Optuna, following the recipe.")
+    p = argparse.ArgumentParser(prog="hpo", description="Hyperparameter search on Optuna, following the recipe.",
+                                epilog=f"start with: {EXAMPLES['pipeline']}; hpo COMMAND --help for each command")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, *parents: argparse.ArgumentParser, help: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help says what it does in one line and shows an example."""
+        return sub.add_parser(name, parents=list(parents), help=help, description=help,
+                              epilog=f"example: {EXAMPLES[name]}")
     study_file = argparse.ArgumentParser(add_help=False)
     study_file.add_argument("study", help="study file (TOML), e.g. studies/recipe-baseline.toml")
     options = argparse.ArgumentParser(add_help=False)
@@ -36,12 +56,12 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     common = [study_file, options]
 
-    train = sub.add_parser("train", parents=common, help="one training run with fixed hyperparameters")
+    train = command("train", *common, help="one training run with fixed hyperparameters")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--out", default="runs", help="folder for run directories (default: runs)")
     train.set_defaults(func=cmd_train)
 
-    sub.add_parser("check", parents=common, help="the sanity checks: can this pipeline learn?").set_defaults(
+    command("check", *common, help="the sanity checks: can this pipeline learn?").set_defaults(
         func=cmd_check)
 
     storage = argparse.ArgumentParser(add_help=False)
@@ -73,22 +93,22 @@ def parser() -> argparse.ArgumentParser:
     reader = argparse.ArgumentParser(add_help=False)  # read-only: the study by name, its stored config
     reader.add_argument("study", nargs="?", help="study file (TOML) whose study to read; or --study NAME")
     reader.add_argument("--study", dest="study_name", metavar="NAME", help="the study's name in the storage")
-    run = sub.add_parser("run", parents=[*common, storage, runner, artifacts], help="run a study: gate, then N trials")
+    run = command("run", *common, storage, runner, artifacts, help="run a study: gate, then N trials")
     run.add_argument("--workers", type=int, default=1, help="worker processes on this machine (round-robin GPUs)")
     run.set_defaults(func=cmd_run)
-    sub.add_parser("worker", parents=[*common, storage, runner, artifacts], help="join a running study").set_defaults(
+    command("worker", *common, storage, runner, artifacts, help="join a running study").set_defaults(
         func=cmd_worker)
-    pipe = sub.add_parser("pipeline", parents=[*common, storage, runner, artifacts],
-                          help="the whole recipe: explore, gate, search, retrain the top K, report; a second call "
-                               "goes on where the first stopped")
+    pipe = command("pipeline", *common, storage, runner, artifacts,
+                   help="the whole recipe: explore, gate, search, retrain the top K, report; a second call "
+                        "goes on where the first stopped")
     pipe.add_argument("--workers", type=int, default=1, help="worker processes for the search")
     pipe.add_argument("--top", type=int, metavar="K", help="trials to retrain (default: [retrain] top, 1)")
     pipe.set_defaults(func=cmd_pipeline)
-    best = sub.add_parser("best", parents=[reader, storage], help="the study's best trial")
+    best = command("best", reader, storage, help="the study's best trial")
     best.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     best.set_defaults(func=cmd_best)
 
-    explore = sub.add_parser("explore", help="the recipe's data exploration: stats, samples, histogram")
+    explore = command("explore", help="the recipe's data exploration: stats, samples, histogram")
     explore.add_argument("study", nargs="?", help="study file (optional: its [data] section)")
     explore.add_argument("--data", help="cifar10, synthetic, or a cifar-10-batches-py / ImageFolder folder")
     explore.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="override a key")
@@ -96,18 +116,18 @@ def parser() -> argparse.ArgumentParser:
     explore.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     explore.set_defaults(func=cmd_explore)
 
-    report = sub.add_parser("report", parents=[reader, storage], help="a self-contained HTML report of a study")
+    report = command("report", reader, storage, help="a self-contained HTML report of a study")
     report.add_argument("--out", default="report.html", help="the HTML file to write")
     report.set_defaults(func=cmd_report)
 
-    dash = sub.add_parser("dashboard", parents=[storage, artifacts], help="optuna-dashboard on the study's storage")
+    dash = command("dashboard", storage, artifacts, help="optuna-dashboard on the study's storage")
     dash.add_argument("study", nargs="?", help="study file (unused: the dashboard shows every study)")
     dash.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
     dash.add_argument("--port", type=int, default=8080)
     dash.set_defaults(func=cmd_dashboard)
 
-    proxy = sub.add_parser("proxy", parents=[storage], help="Optuna's gRPC storage proxy in front of the database, "
-                           "keeping the queue; workers by the hundred then use --storage grpc://HOST:PORT")
+    proxy = command("proxy", storage, help="Optuna's gRPC storage proxy in front of the database, "
+                    "keeping the queue; workers by the hundred then use --storage grpc://HOST:PORT")
     proxy.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only; "
                                                           "0.0.0.0 for workers on other machines)")
     proxy.add_argument("--port", type=int, default=13000, help="port to listen on (default: 13000)")
@@ -117,9 +137,9 @@ def parser() -> argparse.ArgumentParser:
                        help="seconds a call waits for a lost database before it fails")
     proxy.set_defaults(func=cmd_proxy)
 
-    retrain = sub.add_parser("retrain", parents=[reader, options, storage, artifacts],
-                             help="the best trial's setting on the full split, evaluated on test; the study's "
-                                  "config, with --data and --param over it")
+    retrain = command("retrain", reader, options, storage, artifacts,
+                      help="the best trial's setting on the full split, evaluated on test; the study's "
+                           "config, with --data and --param over it")
     retrain.add_argument("--epochs", type=int, help="override retrain.epochs (default: [retrain] epochs, 100)")
     retrain.add_argument("--out", default="runs", help="folder for the run directory")
     retrain.add_argument("--top", type=int, metavar="K", help="retrain the K best trials; the best of them on the "

@@ -260,7 +260,8 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     """Read, override and validate a study file. Raises ConfigError with one line per problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"{path}: no such study file (see studies/ for examples)"])
+        raise ConfigError([f"{path}: no such study file; copy one of the repository's studies/*.toml, e.g. "
+                           f"studies/recipe-baseline.toml, and try it with `hpo train FILE --data synthetic`"])
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
