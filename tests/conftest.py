@@ -144,7 +144,7 @@ def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
             conn.exec_driver_sql(f"CREATE DATABASE {name}")
     except sqlalchemy.exc.OperationalError as e:
         pytest.fail(f"no {SERVER_NAMES[kind]} at {admin_url.render_as_string()}: the storage tests need a real server "
-                    f"({type(e.orig).__name__}); start one, or point {ADMIN_ENV[kind]} at one (README, Tests)",
+                    f"({type(e.orig).__name__}); start one, or point {ADMIN_ENV[kind]} at one (README, Set-up)",
                     pytrace=False)
     try:
         yield admin_url.set(database=name).render_as_string(hide_password=False)

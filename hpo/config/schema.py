@@ -128,7 +128,7 @@ class TrainConfig:
     # "bf16": the forward and backward passes under torch.autocast(bfloat16), weights and optimizer in fp32;
     # conv nets run channels_last in any precision. "auto": bf16 where the hardware computes it natively (a
     # CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX; emulated it is 10x slower), else fp32. fp32 by
-    # default, the recipe's (README, Precision).
+    # default, the recipe's (docs/study-files.md, Precision).
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     seed: int = 0  # model init, shuffling and augmentation
 

@@ -99,7 +99,7 @@ def retrain(handle: StudyHandle, device: torch.device, out: Path, artifacts: Pat
     cfgs = [handle.cfg.with_params({**t.params, "data.train_on": "full", **budget}) for t in trials]
     data = data if data is not None else load_data(cfgs[0].data.path)
     # As one population where they can share one (same model shape, optimizer...): by default on CUDA
-    # alone, where launches dominate; on a CPU a population is slower (README).
+    # alone, where launches dominate; on a CPU a population is slower (docs/population.md).
     if (device.type == "cuda" if together is None else together) and len(cfgs) > 1 and shareable(cfgs, data):
         runs = train_together(cfgs, device, out, data, log)
     else:

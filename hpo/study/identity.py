@@ -82,7 +82,7 @@ def open_study(cfg: StudyConfig, storage_url: str, create: bool, liveness: Liven
             study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                         sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
             # load_if_exists: behind `hpo proxy` (no lock) two runs started at the same instant may
-            # both get here; create the study once, then start the workers (README).
+            # both get here; create the study once, then start the workers (docs/workers.md).
             study.set_user_attr(HASH_ATTR, cfg.fingerprint(*IDENTITY))
             study.set_user_attr(CONFIG_ATTR, cfg.to_dict())
         _refuse_foreign(study, cfg)

@@ -46,7 +46,7 @@ OWN = ("model.dropout",)  # ... except these: each member has its own
 AUTO_CAP = 64  # the most members an automatic size picks: the K the GPU profile is taken at (bench/population.py)
 MEMORY_SHARE = 0.5  # of the device's free memory an automatic size fills: room for the allocator's slack
 # Whether population = 0 sizes a population from CUDA's free memory. Not until bench/gpu.sh has measured a
-# population beating solo trials on a GPU, which it has not yet: 0 picks 1 there too (README, Population training).
+# population beating solo trials on a GPU, which it has not yet: 0 picks 1 there too (docs/population.md).
 AUTO_ON_CUDA = False
 # The training the population engine computes; any other value of these keys trains solo.
 SOLO_TRAINING = {"schedule": "step", "precision": "fp32", "nesterov": False}
@@ -111,7 +111,7 @@ def member_bytes(cfg: StudyConfig, input_shape: tuple[int, ...], num_classes: in
 
 def auto_population(cfg: StudyConfig, device: torch.device, input_shape: tuple[int, ...], num_classes: int,
                     target: int) -> int:
-    """``population = 0``: one on a CPU (where a population is slower, README), where the space varies
+    """``population = 0``: one on a CPU (where a population is slower, docs/population.md), where the space varies
     what members share, or the model does not stack, and on CUDA until AUTO_ON_CUDA; then as many as
     half the free memory holds, at most AUTO_CAP and the study's N."""
     if device.type != "cuda" or not AUTO_ON_CUDA or _shared_varied(cfg) or _unstackable(cfg, input_shape,
