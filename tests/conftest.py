@@ -23,6 +23,12 @@ if XDIST:  # before torch loads OpenMP: one thread in each worker and in each hp
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
+# A shell starts background jobs (`nohup pytest &`) with SIGINT ignored, and an ignored signal stays ignored in
+# every process the tests start: the Ctrl-C tests would then wait for nothing. A handler here is reset to the
+# default when a child execs, so each hpo process takes Ctrl-C as it does from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
