@@ -8,17 +8,17 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-from conftest import hpo_main
+from conftest import SMALL_DATA, hpo_main
 
 from hpo.config import schema
 
 ROOT = Path(__file__).resolve().parent.parent
-# What a command shown with a real budget runs here instead: the small synthetic data, two epochs.
-SMALL = ["--param", "data.train_size=600", "--param", "data.val_size=200", "--param", "data.subset_size=300",
-         "--param", "train.epochs=2"]
-TAKES_PARAMS = {"train", "check", "run", "worker", "pipeline", "retrain", "explore"}
+# What a command shown with a real budget runs here instead: the suite's small synthetic splits, two epochs.
+SMALL_SPLITS = {f"data.{k}": v for k, v in tomllib.loads(SMALL_DATA)["data"].items() if k != "path"}
+SMALL = [arg for key, value in {**SMALL_SPLITS, "train.epochs": 2}.items() for arg in ("--param", f"{key}={value}")]
 
 
 def build(docs: Path, site: Path) -> subprocess.CompletedProcess:
@@ -74,16 +74,15 @@ def test_every_command_the_readme_and_the_tutorial_show_runs(tmp_path):
     for command in commands:
         args = command.replace("PATH", "synthetic").split()[1:]
         extra = SMALL + (["--param", "retrain.epochs=2"] if args[0] in ("pipeline", "retrain") else [])
-        r = hpo_main(*args, *(extra if args[0] in TAKES_PARAMS else []), cwd=tmp_path)
+        takes_params = "--param" in hpo_main(args[0], "--help").stdout
+        r = hpo_main(*args, *(extra if takes_params else []), cwd=tmp_path)
         assert r.returncode == 0, (command, r.stderr[-2000:])
-
 
 
 def test_the_readme_s_own_model_runs_as_a_script(tmp_path):
     """The README's Python block, saved as a file and run as a user runs it, on the small synthetic data."""
     (block,) = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    small = ('{"data.path": "synthetic", "data.train_size": 600, "data.val_size": 200, "data.subset_size": 300, '
-             '"study.n_trials": 2, "train.epochs": 1}')
+    small = repr({"data.path": "synthetic", **SMALL_SPLITS, "study.n_trials": 2, "train.epochs": 1})
     assert '{"data.path": "PATH"}' in block
     (tmp_path / "own_model.py").write_text(block.replace('{"data.path": "PATH"}', small))
     shutil.copytree(ROOT / "studies", tmp_path / "studies")
