@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, hpo_main
 from torch import nn
 
 from hpo.config.study_file import load_study
@@ -165,6 +165,5 @@ def test_check_command_exit_codes(study_file):
     report = json.loads(ok.stdout.splitlines()[-1])
     assert report["passed"] is True
     assert {"name", "passed", "value", "threshold", "seconds"} <= set(report["checks"][0])
-    bad = subprocess.run([sys.executable, "-m", "hpo.cli", "check", study_file(), "--param", "train.lr=0.0"],
-                         capture_output=True, text=True, timeout=300)
+    bad = hpo_main("check", study_file(), "--param", "train.lr=0.0")
     assert bad.returncode == 3 and "FAIL" in bad.stdout and "failed: fit_one_sample" in bad.stdout

@@ -3,7 +3,7 @@
 import subprocess
 
 import optuna
-from conftest import FULL_DATA, hpo_cli
+from conftest import FULL_DATA, hpo_cli, hpo_main
 from optuna.trial import TrialState
 
 DIVERGES = """augment = "none"
@@ -32,7 +32,7 @@ def test_a_study_whose_every_trial_fails_stops_at_the_failure_budget(study_file,
     assert [t.state for t in study.trials].count(TrialState.FAIL) == 10  # the record stays
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
 
-    again = hpo_cli("run", *common, "--max-failures", 12, timeout=120)  # a larger budget goes on, then stops
+    again = hpo_main("run", *common, "--max-failures", 12)  # a larger budget goes on, then stops
     assert again.returncode == 1 and "12 trials failed" in again.stderr, again.stderr
 
 
@@ -50,7 +50,7 @@ def test_a_running_trial_without_heartbeat_is_failed_after_grace_and_its_slot_ru
     path = study_file(SLOW, data=FULL_DATA)
     common = [path, "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
               "--artifacts", tmp_path / "a", "--heartbeat", 1, "--grace", 3]
-    assert hpo_cli("run", *common).returncode == 0
+    assert hpo_main("run", *common).returncode == 0
     study = optuna.load_study(study_name="small", storage=storage_url)
     asked = study.ask()  # RUNNING, and nothing will ever beat for it
     r = hpo_cli("run", *common, "--n-trials", 3, timeout=120)  # waited forever before

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import hpo_cli, hpo_main
+from conftest import hpo_main
 from factories import tiny_cnn
 from optuna.trial import TrialState
 
@@ -29,8 +29,8 @@ optimizer = "sgd"
 def run(study_file, tmp_path, db: str, *extra) -> dict[tuple[float, float], optuna.trial.FrozenTrial]:
     """The grid's trials by (lr, weight decay)."""
     url = f"sqlite:///{tmp_path / db}"
-    r = hpo_cli("run", study_file(GRID), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
-                "--artifacts", tmp_path / "a", *extra)
+    r = hpo_main("run", study_file(GRID), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                 "--artifacts", tmp_path / "a", *extra)
     assert r.returncode == 0, r.stderr
     return {(t.params["train.lr"], t.params["train.weight_decay"]): t
             for t in optuna.load_study(study_name="small", storage=url).trials}
@@ -102,8 +102,8 @@ def test_members_of_one_population_have_their_own_dropout(study_file, tmp_path):
 
     body = GRID.replace('"train.weight_decay" = [1.0, 0.0]', '"model.dropout" = [0.0, 0.5]').replace("10.0", "0.001")
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    r = hpo_cli("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
-                "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=2")
+    r = hpo_main("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                 "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=2")
     assert r.returncode == 0, r.stderr
     trials = optuna.load_study(study_name="small", storage=url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -161,8 +161,8 @@ def test_the_study_s_pruner_prunes_members_as_trials(study_file, tmp_path):
         .replace('"train.lr" = [10.0, 0.01]', '"train.seed" = [0, 1, 2, 3]') \
         .replace('"train.weight_decay" = [1.0, 0.0]', '"train.lr" = [0.0, 0.01]')
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    r = hpo_cli("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
-                "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=5")
+    r = hpo_main("run", study_file(body), "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                 "--artifacts", tmp_path / "a", "--population", "4", "--param", "train.epochs=5")
     assert r.returncode == 0, r.stderr
     trials = optuna.load_study(study_name="small", storage=url).trials
     pruned = [t for t in trials if t.state == TrialState.PRUNED]

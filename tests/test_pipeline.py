@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import hpo_cli, hpo_main
+from conftest import hpo_main
 
 from hpo import load_study
 from hpo.recipe.pipeline import STAGES, pipeline
@@ -36,7 +36,7 @@ def test_the_pipeline_runs_every_stage_once_and_sums_up(study_file, tmp_path):
     path, url = study_file(STUDY), f"sqlite:///{tmp_path / 'p.db'}"
     args = ("pipeline", path, "--storage", url, "--device", "cpu", "--out", tmp_path / "runs", "--artifacts",
             tmp_path / "art", "--quiet", "--json")
-    first = hpo_cli(*args)
+    first = hpo_main(*args)
     assert first.returncode == 0, first.stderr
     result = json.loads(first.stdout.splitlines()[-1])
     assert [s["name"] for s in result["stages"]] == list(STAGES) and not any(s["done_before"] for s in result["stages"])
@@ -53,13 +53,13 @@ def test_the_pipeline_runs_every_stage_once_and_sums_up(study_file, tmp_path):
     trials = [(t.number, t.state) for t in handle.trials()]
     recorded = {k for k in handle.study.user_attrs if k.startswith(PIPELINE_ATTR)}
     assert recorded == {f"{PIPELINE_ATTR}:{s}" for s in STAGES}
-    again = hpo_cli(*args)
+    again = hpo_main(*args)
     assert again.returncode == 0, again.stderr
     second = json.loads(again.stdout.splitlines()[-1])
     assert all(s["done_before"] for s in second["stages"]) and second["final"] == final
     assert [(t.number, t.state) for t in read_study(url, "small").trials()] == trials  # nothing ran again
 
-    more = hpo_cli(*args, "--n-trials", "8")  # a larger N: the search and what depends on it run again
+    more = hpo_main(*args, "--n-trials", "8")  # a larger N: the search and what depends on it run again
     assert more.returncode == 0, more.stderr
     third = json.loads(more.stdout.splitlines()[-1])
     assert [s["done_before"] for s in third["stages"]] == [True, True, False, False, False]

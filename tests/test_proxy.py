@@ -98,7 +98,7 @@ def test_workers_behind_the_proxy_run_exactly_n_trials(study_file, postgres_url,
     assert [t.state for t in done] == [TrialState.COMPLETE] * 6
     assert sorted(t.number for t in done) == list(range(6))
     assert all(t.user_attrs["history"] and t.user_attrs["run_dir"] for t in done)
-    best = hpo_cli("best", study_file(SHORT), "--storage", proxy.url)
+    best = hpo_main("best", study_file(SHORT), "--storage", proxy.url)
     assert best.returncode == 0 and f"val_acc {max(t.value for t in done):.4f}" in best.stdout, best.stderr
 
 
@@ -115,7 +115,7 @@ def test_a_killed_worker_s_trial_is_failed_by_the_proxy_and_run_again(study_file
     victim.wait(timeout=30)
     (killed,) = [t.number for t in trials(postgres_url) if t.state == TrialState.RUNNING]
 
-    r = hpo_cli("worker", *common)
+    r = hpo_main("worker", *common)
     assert r.returncode == 0, r.stderr
     by_state = {s: [t for t in trials(postgres_url) if t.state == s] for s in TrialState}
     assert [t.number for t in by_state[TrialState.FAIL]] == [killed] and not by_state[TrialState.RUNNING]

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from conftest import TRAINED_STUDY, browser_paths, hpo_cli, hpo_main, stop
+from conftest import TRAINED_STUDY, browser_paths, hpo_main, stop
 
 from hpo.engine.checkpoints import load_checkpoint
 from hpo.engine.sources import synthetic
 
 
 def test_explore_reports_the_recipe_s_numbers(tmp_path):
-    r = hpo_cli("explore", "--data", "synthetic", "--param", "data.train_size=600", "--param", "data.val_size=200",
-                "--param", "data.subset_size=300", "--out", tmp_path / "ex", "--json")
+    r = hpo_main("explore", "--data", "synthetic", "--param", "data.train_size=600", "--param", "data.val_size=200",
+                 "--param", "data.subset_size=300", "--out", tmp_path / "ex", "--json")
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout.splitlines()[-1])
     data = synthetic()
@@ -64,7 +64,7 @@ def test_explore_takes_grayscale_images_and_float_features(tmp_path):
 def test_the_study_report_has_every_figure(finished_study, tmp_path):
     tmp, path, url = finished_study
     out = tmp_path / "report.html"
-    r = hpo_cli("report", path, "--storage", url, "--out", out)
+    r = hpo_main("report", path, "--storage", url, "--out", out)
     assert r.returncode == 0, r.stderr
     page = out.read_text()
     for title in ("Optimization history", "val accuracy per epoch", "train loss per epoch",
@@ -90,8 +90,8 @@ def test_retrain_without_a_completed_trial_is_one_line(study_file, tmp_path):
 
 def test_retrain_trains_the_best_on_the_full_split_and_tests_once(finished_study, tmp_path):
     tmp, path, url = finished_study
-    r = hpo_cli("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--out", tmp_path / "runs",
-                "--artifacts", tmp / "art", "--json")
+    r = hpo_main("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--out", tmp_path / "runs",
+                 "--artifacts", tmp / "art", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
     assert {"val_acc", "test_acc", "epochs_run", "checkpoint"} <= set(result) and result["epochs_run"] == 2
@@ -171,8 +171,8 @@ def test_retrain_takes_its_budget_from_the_study_file_s_retrain_section(finished
     edited = tmp_path / "small.toml"  # the same study name: the file's stem
     edited.write_text(Path(path).read_text() + "\n[retrain]\nepochs = 3\npatience = 1\nstep_size = 2\ngamma = 0.5\n"
                       "label_smoothing = 0.1\naugment = 'flip-shift'\n")
-    r = hpo_cli("retrain", edited, "--storage", url, "--device", "cpu", "--out", tmp_path / "runs", "--artifacts",
-                tmp / "art", "--param", "retrain.patience=0", "--param", "retrain.weight_decay=0.01", "--json")
+    r = hpo_main("retrain", edited, "--storage", url, "--device", "cpu", "--out", tmp_path / "runs", "--artifacts",
+                 tmp / "art", "--param", "retrain.patience=0", "--param", "retrain.weight_decay=0.01", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
     train = load_checkpoint(result["checkpoint"])["config"]["train"]
@@ -188,8 +188,8 @@ def test_retrain_top_k_picks_by_full_val_and_the_report_shows_the_subset_to_full
     """--top 2: the two best trials retrained, the better on the full split's val is final (test is
     looked at once), and the report sets subset against full val acc with Spearman's rho."""
     tmp, path, url = finished_study
-    r = hpo_cli("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--top", "2",
-                "--out", tmp_path / "runs", "--artifacts", tmp / "art", "--json")
+    r = hpo_main("retrain", path, "--storage", url, "--device", "cpu", "--epochs", "2", "--top", "2",
+                 "--out", tmp_path / "runs", "--artifacts", tmp / "art", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
     study = optuna.load_study(study_name="small", storage=url)
@@ -201,7 +201,7 @@ def test_retrain_top_k_picks_by_full_val_and_the_report_shows_the_subset_to_full
     assert result["spearman"] in (-1.0, 1.0, None)  # two trials: the same order, the other, or a tie
     assert "of 2 retrained" in r.stdout
     out = tmp_path / "report.html"
-    assert hpo_cli("report", path, "--storage", url, "--out", out).returncode == 0
+    assert hpo_main("report", path, "--storage", url, "--out", out).returncode == 0
     page = out.read_text()
     assert "Subset to full split: did the ranking hold?" in page and "Spearman&#x27;s rho" not in page
     assert "full_val_acc" in page and f"Final model: trial {result['from_trial']}" in page

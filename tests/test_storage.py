@@ -1,13 +1,12 @@
-"""The database side: outages, bad URLs, passwords never shown, SQLite with several writers."""
+"""The database side: outages, bad URLs, passwords never shown (SQLite with several writers: test_study)."""
 
-import json
 import subprocess
 import sys
 import time
 
 import optuna
 import pytest
-from conftest import FULL_DATA, hpo_cli, hpo_main
+from conftest import FULL_DATA, hpo_main
 from optuna.trial import TrialState
 
 from hpo.storages.retries import mask
@@ -103,10 +102,10 @@ def test_a_study_with_another_config_is_refused_and_left_as_it_was(study_file, s
     common = ["--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
               "--artifacts", tmp_path / "a"]
     path = study_file(TRIALS.replace("epochs = 40", "epochs = 1"), data=FULL_DATA)
-    assert hpo_cli("run", path, *common).returncode == 0
+    assert hpo_main("run", path, *common).returncode == 0
     before = [(t.number, t.state, t.params) for t in optuna.load_study(study_name="small", storage=storage_url).trials]
     attrs = optuna.load_study(study_name="small", storage=storage_url).user_attrs
-    r = hpo_cli("run", path, *common, "--param", "train.batch_size=64")
+    r = hpo_main("run", path, *common, "--param", "train.batch_size=64")
     assert r.returncode == 2, r.stderr
     assert "made with another config (train.batch_size: 16 in the study, 64 in the file)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -118,16 +117,3 @@ def test_masked_urls():
     assert mask("postgresql+psycopg://bob:pa55@db:5432/hpo") == "postgresql+psycopg://bob:***@db:5432/hpo"
     assert mask("sqlite:///hpo.db") == "sqlite:///hpo.db"
     assert "pa55" not in mask("postgresql://bob:pa55@[bad")
-
-
-def test_sqlite_takes_several_writers(study_file, tmp_path):
-    """Four worker processes on one SQLite file: no 'database is locked', exactly N trials."""
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    many = TRIALS.replace("epochs = 40", "epochs = 1").replace("n_trials = 3", "n_trials = 16")
-    path = study_file(many, data=FULL_DATA)
-    r = hpo_cli("run", path, "--storage", url, "--workers", 4, "--device", "cpu", "--skip-checks", "--json",
-                "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
-    assert r.returncode == 0 and "locked" not in r.stderr, r.stderr
-    assert json.loads(r.stdout.splitlines()[-1])["finished"] == 16
-    states = [t.state for t in optuna.load_study(study_name="small", storage=url).trials]
-    assert states == [TrialState.COMPLETE] * 16

@@ -33,9 +33,10 @@ def states(url: str, name: str = "small") -> dict[str, int]:
     return out
 
 
-# SQLite with 4 workers is test_storage.py's test_sqlite_takes_several_writers.
+# 8 processes on PostgreSQL: test_eight_workers_a_hundred_trials_on_postgresql.
 @pytest.mark.parametrize("storage_url, workers, n, population", [
-    ("sqlite", 2, 6, 1), ("postgresql", 2, 6, 1), ("postgresql", 4, 10, 1),
+    ("sqlite", 4, 8, 1),  # four writers on one file: no "database is locked"
+    ("postgresql", 4, 10, 1),
     ("postgresql", 2, 10, 3),  # two workers, each training a population, share one study
 ], indirect=["storage_url"])
 def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n, population):
@@ -43,7 +44,7 @@ def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n,
     r = hpo_cli("run", path, "--storage", storage_url, "--n-trials", n, "--workers", workers, "--device", "cpu",
                 "--skip-checks", "--out", tmp_path / "runs", "--artifacts", tmp_path / "art", "--json",
                 "--population", population)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and "locked" not in r.stderr, r.stderr
     assert states(storage_url) == {"COMPLETE": n}
     done = trials(storage_url)
     assert sorted(t.number for t in done) == list(range(n))  # no duplicate, none missing
@@ -54,8 +55,8 @@ def test_workers_finish_exactly_n(study_file, storage_url, tmp_path, workers, n,
     summary = json.loads(r.stdout.splitlines()[-1])
     assert summary["finished"] == n and summary["value"] == max(t.value for t in done)
 
-    again = hpo_cli("run", path, "--storage", storage_url, "--n-trials", n, "--device", "cpu", "--skip-checks",
-                    "--out", tmp_path / "runs", "--artifacts", tmp_path / "art")
+    again = hpo_main("run", path, "--storage", storage_url, "--n-trials", n, "--device", "cpu", "--skip-checks",
+                     "--out", tmp_path / "runs", "--artifacts", tmp_path / "art")
     assert again.returncode == 0, again.stderr
     assert len(trials(storage_url)) == n  # a finished study gets no new trial
 
@@ -84,6 +85,26 @@ def test_queued_slots_hold_their_draw_and_running_one_writes_no_parameter(study_
     engine.dispose()
 
 
+def test_a_slot_marked_for_requeue_is_retried_by_the_next_top_up_not_filled_with_a_new_draw(study_file, tmp_path):
+    """A worker behind the proxy marks its interrupted trial and tells it FAIL; it cannot queue it. The
+    next top-up (the proxy's) must queue that attempt again, even where it lists the study between the
+    two and finds a gap: the gap is the attempt's own slot."""
+    from hpo.study.queue import pop_waiting, set_target, top_up
+
+    handle = open_study(load_study(study_file(SEARCH)), f"sqlite:///{tmp_path / 'study.db'}", create=True)
+    set_target(handle, 1)
+    assert top_up(handle) == 1
+    trial, _ = pop_waiting(handle)
+    trial.report(0.3, 1)
+    TrialRecord(fail_reason="KeyboardInterrupt", requeue=True).write(trial)
+    handle.study.tell(trial, state=TrialState.FAIL)
+
+    assert top_up(handle) == 1 and top_up(handle) == 0
+    (queued,) = handle.trials((TrialState.WAITING,))
+    assert TrialRecord.of(queued).retry_of == trial.number and queued.params == trial.params
+    assert queued.intermediate_values == {1: 0.3}
+
+
 def test_a_step_range_queues_its_top_value(study_file, tmp_path):
     """0.004 + 5 * 0.01 is 0.054000000000000006 in floats, above high; the slot must still be queued,
     with the grid's top value."""
@@ -101,8 +122,8 @@ def test_a_step_range_queues_its_top_value(study_file, tmp_path):
 
 
 def test_the_gate_blocks_a_broken_config(study_file, storage_url, tmp_path):
-    r = hpo_cli("run", study_file(SEARCH), "--storage", storage_url, "--param", "train.lr=0.0", "--device", "cpu",
-                "--out", tmp_path / "runs")
+    r = hpo_main("run", study_file(SEARCH), "--storage", storage_url, "--param", "train.lr=0.0", "--device", "cpu",
+                 "--out", tmp_path / "runs")
     assert r.returncode == 3, r.stderr
     assert "sanity checks failed: fit_one_sample" in r.stderr
     assert trials(storage_url) == []
@@ -123,8 +144,8 @@ patience = 3
 [search]
 "train.lr" = [0.003, 0.00001]
 """)
-    r = hpo_cli("run", path, "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
-                "--artifacts", tmp_path / "art")
+    r = hpo_main("run", path, "--storage", storage_url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                 "--artifacts", tmp_path / "art")
     assert r.returncode == 0, r.stderr
     fast, slow = sorted(trials(storage_url), key=lambda t: -t.params["train.lr"])
     assert fast.state == TrialState.COMPLETE and fast.user_attrs["stop_reason"] == "early_stopping"
@@ -132,7 +153,7 @@ patience = 3
     assert fast.value == max(h["val_acc"] for h in fast.user_attrs["history"])  # its best epoch, not its last
     assert slow.value < fast.value
 
-    best = hpo_cli("best", path, "--storage", storage_url, "--json")
+    best = hpo_main("best", path, "--storage", storage_url, "--json")
     assert best.returncode == 0, best.stderr
     info = json.loads(best.stdout.splitlines()[-1])
     assert (info["number"], info["value"], info["stop_reason"]) == (fast.number, fast.value, "early_stopping")
@@ -149,8 +170,8 @@ epochs = 1
 [search]
 "data.subset_size" = [300, 700]
 """)  # 700 > train_size 600: invalid
-    r = hpo_cli("run", path, "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
-                "--artifacts", tmp_path / "art")
+    r = hpo_main("run", path, "--storage", url, "--device", "cpu", "--skip-checks", "--out", tmp_path / "r",
+                 "--artifacts", tmp_path / "art")
     assert r.returncode == 0, r.stderr
     failed = [t for t in trials(url) if t.state == TrialState.FAIL]
     assert states(url)["COMPLETE"] == 4 and failed
@@ -266,8 +287,8 @@ def test_read_only_commands_use_the_study_s_own_config(study_file, tmp_path):
     storage_url = f"sqlite:///{tmp_path / 'study.db'}"  # the config is the study's, on any storage
     path = study_file(SEARCH)
     common = ["--storage", storage_url]
-    r = hpo_cli("run", path, *common, "--param", "train.epochs=2", "--device", "cpu", "--skip-checks",
-                "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
+    r = hpo_main("run", path, *common, "--param", "train.epochs=2", "--device", "cpu", "--skip-checks",
+                 "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     before = _dump(storage_url, "small")
     best = hpo_main("best", path, *common, "--json")  # the file says epochs = 1, the study 2
@@ -311,8 +332,8 @@ def test_a_foreign_study_is_refused_and_left_as_it_was(study_file, tmp_path, dir
 
 def test_the_study_names_its_metric_and_gives_a_dataframe(study_file, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    r = hpo_cli("run", study_file(SEARCH), "--storage", url, "--n-trials", 2, "--device", "cpu", "--skip-checks",
-                "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
+    r = hpo_main("run", study_file(SEARCH), "--storage", url, "--n-trials", 2, "--device", "cpu", "--skip-checks",
+                 "--out", tmp_path / "r", "--artifacts", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     study = optuna.load_study(study_name="small", storage=url)
     assert study.metric_names == ["val_acc"]  # what optuna-dashboard labels its axes with

@@ -81,11 +81,15 @@ def requeue(storage: optuna.storages.RDBStorage, study: optuna.Study, trial: opt
         live = len(study.get_trials(deepcopy=False, states=LIVE))
         if live >= int(study.user_attrs.get(TARGET_ATTR, 0)):
             return False
-        _queue(study, trial.params, trial.distributions, retry_attrs(trial), trial.intermediate_values)
+        _retry(study, trial)
         return True
 
 
-def marked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+def _retry(study: optuna.Study, failed: optuna.trial.FrozenTrial) -> None:
+    _queue(study, failed.params, failed.distributions, retry_attrs(failed), failed.intermediate_values)
+
+
+def _marked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     """The failed attempts marked ``requeue`` whose slot no retry took over yet (a worker behind
     `hpo proxy` cannot queue it, or one died between telling and queueing)."""
     taken = {t.user_attrs.get(RETRY_ATTR) for t in trials}
@@ -117,11 +121,18 @@ def _room(trials: list[optuna.trial.FrozenTrial], target: int) -> int:
 
 def top_up(handle: StudyHandle) -> int:
     """Queue WAITING slots, QUEUE_AHEAD or more (above), while the study holds fewer than N live trials;
-    returns how many were queued. Behind `hpo proxy`, the proxy does it: 0 here."""
+    returns how many were queued. The slots of attempts marked ``requeue`` (:func:`_marked`) come first,
+    as retries: a gap such an attempt left is its own, never a new draw's. Behind `hpo proxy`, the
+    proxy does it: 0 here."""
     if not handle.storage.direct or not _room(handle.trials(), handle.target):  # no lock to find nothing to do
         return 0
     with study_lock(handle.storage, handle.cfg.study.name):
         trials = handle.trials()
+        retries = _marked(trials)[:_room(trials, handle.target)]
+        for failed in retries:
+            _retry(handle.study, failed)
+        if retries:
+            trials = handle.trials()
         drawn = 1 + max((t.user_attrs[DRAW_ATTR] for t in trials if DRAW_ATTR in t.user_attrs), default=-1)
         slots = []
         for index in range(drawn, drawn + _room(trials, handle.target)):
@@ -131,7 +142,7 @@ def top_up(handle: StudyHandle) -> int:
             slots.append((params, TrialRecord(draw=index).attrs()))
         if slots:
             handle.storage.create_waiting_trials(handle.study._study_id, slots, distributions(handle.cfg))
-        return len(slots)
+        return len(retries) + len(slots)
 
 
 def pop_waiting(handle: StudyHandle) -> tuple[optuna.trial.Trial, int] | None:

@@ -31,7 +31,7 @@ from hpo.storages.remote import QUEUE_KEY
 from hpo.storages.retries import Liveness, StorageError, mask
 from hpo.study.faults import reap
 from hpo.study.handle import COUNTED, StudyHandle
-from hpo.study.queue import marked, requeue, top_up
+from hpo.study.queue import requeue, top_up
 from hpo.study.records import CONFIG_ATTR, TARGET_ATTR
 from hpo.workers.exits import UsageError
 from hpo.workers.runner import say
@@ -88,7 +88,7 @@ def _keep_one(handle: StudyHandle, reaping: bool) -> None:
         return
     if reaping:
         reap(handle)
-    changed = sum(requeue(handle.storage, handle.study, t) for t in marked(trials)) + top_up(handle)
+    changed = top_up(handle)  # the slots of attempts marked requeue first
     head = [t._trial_id for t in (handle.trials() if changed else trials) if t.state == TrialState.WAITING]
     storage, study_id = handle.storage, handle.study._study_id
     if head[:QUEUE_HEAD] != storage.get_study_system_attrs(study_id).get(QUEUE_KEY):
