@@ -56,6 +56,15 @@ def test_the_readme_is_short_and_names_no_path_outside_the_repository():
         assert link.startswith("http") or (ROOT / link).exists(), link
 
 
+def test_the_readme_s_study_file_loads_and_runs(tmp_path):
+    """Its keys are real ones (a renamed key fails here), on the small synthetic data."""
+    (block,) = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / "study.toml").write_text(block)
+    r = hpo_main("run", "study.toml", "--data", "synthetic", *SMALL, "--param", "study.n_trials=2", "--device", "cpu",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def shown_commands() -> list[str]:
     """Every `hpo ...` command of the sh blocks of the README and the tutorial (a line, or a part of one
     joined by &&, as the set-up's), in order, each once."""
